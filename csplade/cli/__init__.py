@@ -1,0 +1,72 @@
+"""`csplade <verb>`: the command line.
+
+Each area of the library owns one module here that adds its verbs to the parser (`register(sub)`) and
+turns parsed arguments into library calls. Printing happens only in this package; the library logs.
+Verbs: backbone, encode, search, eval, export, mine, adapt, train, merge, teacher-scores, quant-sweep,
+plan (each module lists its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules under csplade.cli that define `register(subparsers)`. A module that does not exist yet is
+# skipped, so areas can land independently.
+_VERB_MODULES = (
+    "backbone",
+    "index",
+    "evaluate",
+    "training",
+    "distill",
+    "quant",
+    "plan",
+    "demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csplade", description="Learned sparse retrieval on causal LLMs."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging (default: info)"
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for name in _VERB_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "accepts_overrides", False):
+        args.overrides = extra
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, TypeError, KeyError, RuntimeError) as exc:
+        if args.verbose:
+            raise
+        print(f"csplade {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
