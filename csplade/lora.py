@@ -1,0 +1,92 @@
+"""Loading an encoder for training from a recipe's ModelArguments: dtype, QLoRA quantization, LoRA.
+
+LoRA comes from peft. Targets default to every attention and MLP projection of Llama-style blocks
+(q, k, v, o, gate, up, down); names absent from the backbone are dropped with a log line, and a recipe
+whose targets match nothing is an error. `lora_lm_head` adds the LM head (the fused head folds the LoRA
+delta into its weight, see :func:`csplade.modeling._head_params`).
+
+QLoRA: the backbone is loaded in 4-bit (nf4/fp4) or 8-bit with bitsandbytes (which also runs on CPU) and
+prepared with peft's `prepare_model_for_kbit_training`; the LM head stays in full precision (bitsandbytes
+skips it by default), so the fused head still applies.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from csplade.configs import ModelArguments
+from csplade.modeling import SparseEncoder
+from csplade.quantize import quantization_config
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
+    """The encoder a recipe describes, with LoRA applied when asked (trainable parameters set)."""
+    dtype = _DTYPES[model_args.model_dtype]
+    backbone_kwargs: dict[str, Any] = {}
+    qconfig = quantization_config(model_args.quantization, dtype)
+    if qconfig is not None:
+        backbone_kwargs["quantization_config"] = qconfig
+    encoder = SparseEncoder.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+        backbone_kwargs=backbone_kwargs,
+        **model_args.encoder_settings(),
+    )
+    if encoder.is_adapter:
+        # A checkpoint saved as an adapter (e.g. a LoRA adaptation phase): fold it into the base
+        # before training goes on, with a fresh adapter if LoRA is asked for again.
+        encoder.backbone = encoder.backbone.merge_and_unload()
+        logger.info("merged the adapter of %s into its base", model_args.model_name_or_path)
+    if qconfig is not None:
+        from peft import prepare_model_for_kbit_training
+
+        encoder.backbone = prepare_model_for_kbit_training(
+            encoder.backbone, use_gradient_checkpointing=False
+        )
+    if model_args.use_lora:
+        apply_lora(encoder, model_args)
+    encoder.train()
+    return encoder
+
+
+def apply_lora(encoder: SparseEncoder, model_args: ModelArguments) -> SparseEncoder:
+    """Wrap the encoder's backbone with a peft LoRA adapter; only the adapter stays trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in encoder.backbone.named_modules()}
+    targets = [t for t in model_args.lora_target_modules if t in names]
+    dropped = sorted(set(model_args.lora_target_modules) - set(targets))
+    if dropped:
+        logger.info("LoRA targets not in this backbone, skipped: %s", ", ".join(dropped))
+    if not targets:
+        raise ValueError(
+            f"lora_target_modules {model_args.lora_target_modules} match no module of "
+            f"{type(encoder.base_model).__name__}"
+        )
+    if model_args.lora_lm_head:
+        head = encoder.base_model.get_output_embeddings()
+        head_name = next(n for n, m in encoder.backbone.named_modules() if m is head)
+        targets.append(head_name.rsplit(".", 1)[-1])
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        bias="none",
+    )
+    encoder.backbone = get_peft_model(encoder.backbone, config)
+    trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in encoder.parameters())
+    logger.info(
+        "LoRA r=%d on %s: %d of %d parameters trainable", config.r, targets, trainable, total
+    )
+    return encoder
