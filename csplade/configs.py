@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,28 @@ class CspladeTrainingArguments(TrainingArguments):
     lr_scheduler_type: str = "linear"
     warmup_steps: float = 0
     dataloader_num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        # Several processes launched on a machine without GPUs (`accelerate launch --multi_gpu` / a DDP or
+        # DeepSpeed config on CPU): the Trainer joins them over gloo only with use_cpu; without it every
+        # process would silently train alone.
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and not self.use_cpu and not _has_accelerator():
+            logger.info(
+                "%d processes and no GPU: training on CPU over gloo (use_cpu=True)", launched
+            )
+            self.use_cpu = True
+        super().__post_init__()
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+    )
 
 
 def _all_fields(types: tuple[type, ...]) -> dict[str, type]:

@@ -312,6 +312,12 @@ def run_training(
         train_dataset=dataset,
         data_collator=GroupCollator(encoder.tokenize),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != trainer.accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but the trainer joined {trainer.accelerator.num_processes}; "
+            "each process would train alone (on CPU, launch with --multi_gpu or set use_cpu: true)"
+        )
     resume = _resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if trainer.args.should_save:
         for folder in remove_incomplete_checkpoints(training_args.output_dir):
