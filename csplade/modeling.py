@@ -299,7 +299,7 @@ class SparseEncoder(nn.Module):
         return 0
 
     def _tokenize_plain(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def tokenize(self, texts: Sequence[str], kind: str = "doc") -> dict[str, torch.Tensor]:
         """Token ids, attention mask and pooling mask (all (B, L)) for `texts` as queries or docs.
@@ -314,7 +314,11 @@ class SparseEncoder(nn.Module):
         head, tail = self._template.head, self._template.tail
         pool_specials = bool(self.config.pool_special_tokens)
         echo = self.config.variant == "echo"
-        content = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        content = (
+            self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+            if texts
+            else []
+        )
         n_truncated = 0
         rows: list[tuple[list[int], list[int]]] = []
         for ids in content:
@@ -594,7 +598,7 @@ class SparseEncoder(nn.Module):
         max_len = self.config.query_max_length
         rows, cols, vals = [], [], []
         n_truncated = 0
-        content = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        content = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         for r, ids in enumerate(content):
             if len(ids) > max_len:
                 n_truncated += 1

@@ -1,0 +1,668 @@
+"""The pre-contrastive adaptation phase: a short LM run that wakes the SPLADE head up.
+
+Why. A SPLADE vector is ``max_l log(1 + ReLU(logits[l]))``. A pretrained causal LM puts almost all
+of its vocabulary logits below zero (its softmax only needs the few likely next tokens on top), and
+log(1 + ReLU) passes no gradient through a negative logit. Contrastive training started straight
+from such a model sees near-empty vectors, and the few terms that do fire get pushed down by the
+sparsity regularizer until the vectors are all-zero and nothing trains any more ("dying ReLU").
+CSPLADE (Xu et al., arXiv 2504.10816) reports this early collapse and fixes it with a lightweight
+adaptation phase on unlabeled text before contrastive training, with the loss
+
+    L_adapt = L_LM + λ_relu · L_relu
+
+where L_LM is causal next-token prediction (CLM) and L_relu is a loss on the log-saturated logits
+(as summaries of the paper state it). For the ``bi`` variant (bidirectional attention) next-token
+prediction is a copy task (position i sees token i + 1), so there the LM part is masked next-token
+prediction (MNTP) as in LLM2Vec (BehnamGhader et al., arXiv 2404.05961), which also gets the model
+used to its new mask. The ``echo`` variant adapts on the plain text (no repetition), like ``uni``.
+
+What is ours. The exact form of the paper's L_relu was not available to us (only summaries of the
+paper were), so we define the activation loss ourselves, tied to the recipe's ``relu_target`` τ:
+
+    k        = ceil(τ · V)                                 (V: vocabulary size)
+    L_relu   = mean over scored positions p of  (1/k) Σ_{j=1..k} max(0, m − z_p,(j))
+
+where z_p,(j) is the j-th largest logit at position p and m a margin (0 by default). It is zero
+exactly when at least k logits per token are above m, i.e. when at least a fraction τ of the
+vocabulary is "alive" (positive, so it carries gradient through log(1 + ReLU)); below that it lifts
+the top-k logits, which are the terms most plausible for the token, rather than arbitrary ones. It
+never pushes logits down: keeping vectors sparse is the job of the FLOPS regularizer in the
+contrastive phase. See :func:`activation_loss`.
+
+MNTP details (LLM2Vec; ours where noted): a fraction ``mask_ratio`` (20%) of the real, non-special
+tokens is replaced by a mask token, and masked token i is predicted from the logits at position
+i−1 (a causal LM's logits at i−1 are its next-token guess, so the head keeps its meaning); the loss
+is only on masked tokens. Causal LMs have no mask token: we use the tokenizer's own mask token if it
+has one, else "_" when it is a single token of the vocabulary (LLM2Vec's choice for Llama and
+Mistral), else the pad token, else unk. Ours: every masked token is replaced by the mask token
+(LLM2Vec's "all_mask" collator; its default keeps BERT's 80/10/10 split); position 0 is never masked
+(it has no i−1); a text with maskable tokens but no draw gets one masked token, so every text
+contributes (this lifts the ratio above 20% for very short texts).
+
+The activation loss is computed on the same positions as the LM loss (every token with a next token
+under CLM, the positions in front of masked tokens under MNTP), so no extra logits are built for it.
+
+Logged (averaged over the micro-batches since the last log, this process's view): ``clm`` or
+``mntp``, ``relu`` (unweighted L_relu), ``pos_frac`` (fraction of positive logits at the scored
+positions) and ``nnz`` (mean number of vocabulary terms positive at one or more scored positions of
+a text: the non-zeros of its SPLADE max-pooled vector, over the scored positions only; under MNTP
+over the masked input).
+
+Memory. The head is applied only at the scored positions: logits (N, V) in the model dtype, N =
+scored tokens in the micro-batch (all tokens for CLM, ~mask_ratio of them for MNTP); no (B, L, V)
+tensor of the whole batch is built. The cross entropy then makes a float32 copy and keeps the
+float32 log-softmax for backward (both alive for a moment), and backward builds an (N, V) gradient.
+Example, Llama-3 (V = 128,256), CLM over 8 × 256 tokens in bf16: 0.5 GB of logits, up to 2 GB of
+float32 in the forward, 1 GB kept for backward. The top-k of L_relu keeps only (N, k) values and
+indices (k = 1,283 for τ = 1%). Known limit: no fused linear + cross-entropy kernel (chunking over
+positions would bound this further).
+
+Other limits: the loss is a mean per micro-batch (token-weighted within it, not across
+gradient-accumulation steps); the non-finite check and the metrics sync the device a few times per
+micro-batch; merging a LoRA adapter into a quantized (QLoRA) base is refused (save the adapter: it
+applies to the full-precision base on reload); DeepSpeed ZeRO-3 / FSDP checkpoints are saved from
+the gathered state dict the Trainer passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Trainer
+
+from csplade.configs import AdaptationArguments, ModelArguments
+from csplade.modeling import SparseEncoder
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+OBJECTIVES = ("clm", "mntp")
+LLM2VEC_MASK_TOKEN = "_"
+
+
+def resolve_objective(adapt_objective: str, variant: str) -> str:
+    """'auto' -> 'mntp' for the bidirectional variant, 'clm' otherwise; refuses CLM under `bi`."""
+    if adapt_objective == "auto":
+        return "mntp" if variant == "bi" else "clm"
+    if adapt_objective not in OBJECTIVES:
+        raise ValueError(
+            f"adapt_objective: unknown value {adapt_objective!r}; "
+            f"allowed: auto, {', '.join(OBJECTIVES)}"
+        )
+    if adapt_objective == "clm" and variant == "bi":
+        raise ValueError(
+            "adapt_objective 'clm' with variant 'bi': under bidirectional attention position i "
+            "sees token i + 1, so next-token prediction is a copy task; use 'mntp' (or 'auto')"
+        )
+    if adapt_objective == "mntp" and variant != "bi":
+        logger.warning(
+            "adapt_objective 'mntp' with variant %r: under causal attention the masked token's "
+            "neighbours on the right are invisible; MNTP is meant for variant 'bi'",
+            variant,
+        )
+    return adapt_objective
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions of tensors
+# --------------------------------------------------------------------------------------------------
+
+
+def next_token_targets(labels: Tensor) -> Tensor:
+    """Targets for the logits at each position: ``labels[:, i + 1]`` at i, IGNORE_INDEX at the end.
+
+    `labels` (B, L) are aligned with the input (the Hugging Face convention): labels[:, i] is the
+    token the model should produce for input position i (CLM: the token itself; MNTP: the original
+    token where it was masked, IGNORE_INDEX elsewhere). The logits at position i predict position i
+    + 1.
+    """
+    targets = torch.full_like(labels, IGNORE_INDEX)  # (B, L)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross entropy over targets != IGNORE_INDEX, in float32; zero (with a graph) if none.
+
+    `logits` (..., V) and `targets` (...) already aligned (see :func:`next_token_targets`).
+    """
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    flat_targets = targets.reshape(-1)  # (N,)
+    if flat_targets.numel() != flat_logits.shape[0]:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not match"
+        )
+    if not bool((flat_targets != IGNORE_INDEX).any()):
+        return flat_logits.sum() * 0.0
+    return F.cross_entropy(flat_logits.float(), flat_targets, ignore_index=IGNORE_INDEX)
+
+
+def clm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Causal LM loss: logits (B, L, V) at every position, labels (B, L) aligned with the input."""
+    return lm_loss(logits[:, :-1], labels[:, 1:])
+
+
+def mntp_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Masked next-token prediction loss (LLM2Vec): masked token i is scored by the logits at i−1.
+
+    `labels` (B, L) hold the original token at masked positions and IGNORE_INDEX elsewhere (see
+    :func:`mntp_inputs`); the arithmetic is that of :func:`clm_loss` on those sparse labels.
+    """
+    return lm_loss(logits[:, :-1], labels[:, 1:])
+
+
+def _select(logits: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return logits.reshape(-1, logits.shape[-1])
+    if mask.shape != logits.shape[:-1]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(logits.shape)}")
+    return logits[mask.to(device=logits.device, dtype=torch.bool)]
+
+
+def activation_loss(
+    logits: Tensor, mask: Tensor | None = None, target: float = 0.01, margin: float = 0.0
+) -> Tensor:
+    """Hinge that keeps at least a fraction `target` of each token's logits above `margin` (ours).
+
+    For each selected position: k = ceil(target · V); the mean over its k largest logits z of max(0,
+    margin − z); then the mean over positions. `logits` (..., V), `mask` (...) bool (None: all). The
+    gradient reaches only the top-k logits that are still below the margin. Zero (with a graph) when
+    no position is selected.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target must be in (0, 1], got {target}")
+    rows = _select(logits, mask)  # (N, V)
+    if rows.shape[0] == 0:
+        return logits.sum() * 0.0
+    vocab = rows.shape[-1]
+    k = min(vocab, max(1, math.ceil(target * vocab)))
+    top = rows.topk(k, dim=-1, sorted=False).values.float()  # (N, k)
+    return torch.relu(margin - top).mean()
+
+
+@torch.no_grad()
+def positive_fraction(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Fraction of positive logits over the selected positions (a float32 scalar; 0 if none)."""
+    rows = _select(logits, mask)  # (N, V)
+    if rows.numel() == 0:
+        return torch.zeros((), device=logits.device)
+    return (rows > 0).sum().float() / rows.numel()  # no (N, V) float temporary
+
+
+@torch.no_grad()
+def pooled_nnz(logits: Tensor, counts: Sequence[int]) -> Tensor:
+    """Mean over texts of the terms positive at one or more of the text's positions.
+
+    `logits` (N, V) are the selected positions of B texts, grouped by text in order (as boolean
+    indexing of a (B, L) mask returns them); `counts` (B,) how many rows belong to each text. Texts
+    with no row are left out of the mean. This is the nnz of the max-pooled log(1 + ReLU) vector
+    over those positions.
+    """
+    if sum(counts) != logits.shape[0]:
+        raise ValueError(f"counts sum to {sum(counts)}, logits have {logits.shape[0]} rows")
+    per_text = [
+        (part > 0).any(dim=0).sum() for part in torch.split(logits, list(counts)) if part.shape[0]
+    ]
+    if not per_text:
+        return torch.zeros((), device=logits.device)
+    return torch.stack(per_text).float().mean()
+
+
+def mntp_inputs(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    mask_ratio: float,
+    mask_token_id: int,
+    special_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mask tokens for MNTP: ``(masked_input_ids, labels)``, both (B, L).
+
+    Maskable: attended, not a special token, not position 0 (no logits at i − 1 to predict it from).
+    Each maskable token is drawn with probability `mask_ratio`; a row with maskable tokens but no
+    draw gets one (chosen uniformly). Masked tokens become `mask_token_id`; `labels` hold the
+    original token there and IGNORE_INDEX everywhere else. Deterministic given `generator` (None:
+    the global torch RNG).
+    """
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+            "must both be (B, L)"
+        )
+    maskable = attention_mask.bool().clone()  # (B, L)
+    maskable[:, 0] = False
+    if len(special_ids):
+        maskable &= ~torch.isin(
+            input_ids, torch.as_tensor(list(special_ids), dtype=input_ids.dtype)
+        )
+    draws = torch.rand(input_ids.shape, generator=generator)  # (B, L), on CPU
+    masked = maskable & (draws.to(input_ids.device) < mask_ratio)
+    empty = maskable.any(dim=1) & ~masked.any(dim=1)  # (B,)
+    if bool(empty.any()):
+        # one masked token for rows left without any: the maskable position with the smallest draw
+        scores = torch.where(maskable, draws.to(input_ids.device), torch.full_like(draws, 2.0))
+        first = scores.argmin(dim=1)  # (B,)
+        rows = empty.nonzero(as_tuple=True)[0]
+        masked[rows, first[rows]] = True
+    labels = torch.where(masked, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    masked_ids = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    return masked_ids, labels
+
+
+def pick_mask_token_id(tokenizer) -> int:
+    """The token MNTP writes over masked positions: mask token, else "_", else pad, else unk."""
+    if getattr(tokenizer, "mask_token_id", None) is not None:
+        return int(tokenizer.mask_token_id)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    blank = tokenizer.convert_tokens_to_ids(LLM2VEC_MASK_TOKEN)
+    if isinstance(blank, int) and blank != unk and blank >= 0:
+        return blank
+    for attr in ("pad_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(
+        "the tokenizer has no mask, '_', pad or unk token to mask with; "
+        "pass mask_token_id explicitly"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Collator
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdaptationCollator:
+    """Texts -> ``input_ids``, ``attention_mask`` (B, L, right-padded) and ``labels`` (B, L).
+
+    Tokenized with the tokenizer's own special tokens (BOS for Llama-3), truncated to `max_length`
+    tokens. CLM: labels are the input ids, IGNORE_INDEX on padding. MNTP: see :func:`mntp_inputs`.
+    With `seed` the masks come from a private generator (one stream per dataloader worker: seed +
+    worker id); without, from the global torch RNG, which the Trainer seeds and restores on resume.
+    `n_texts` / `n_full` count the texts seen and those that filled `max_length` (were cut, or
+    exactly that long), in this process (not in dataloader workers).
+    """
+
+    tokenizer: Any
+    objective: str = "clm"
+    max_length: int = 256
+    mask_ratio: float = 0.2
+    mask_token_id: int | None = None
+    seed: int | None = None
+    n_texts: int = field(default=0, init=False)
+    n_full: int = field(default=0, init=False)
+    _generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (one prediction), got {self.max_length}")
+        if self.objective == "mntp":
+            if self.mask_token_id is None:
+                self.mask_token_id = pick_mask_token_id(self.tokenizer)
+            if not 0.0 < self.mask_ratio < 1.0:
+                raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", None)
+        self._pad_id = int(pad) if pad is not None else 0
+        self._special_ids = sorted(set(getattr(self.tokenizer, "all_special_ids", []) or []))
+
+    def _rng(self) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if self._generator is None:
+            info = torch.utils.data.get_worker_info()
+            self._generator = torch.Generator().manual_seed(
+                self.seed + (info.id if info is not None else 0)
+            )
+        return self._generator
+
+    def __call__(self, examples: Sequence[Any]) -> dict[str, Tensor]:
+        texts = []
+        for i, example in enumerate(examples):
+            text = example["text"] if isinstance(example, dict) else example
+            if not isinstance(text, str):
+                raise TypeError(f"example {i}: expected a str text, got {type(text).__name__}")
+            texts.append(text)
+        encoded = self.tokenizer(
+            texts, add_special_tokens=True, truncation=True, max_length=self.max_length
+        )["input_ids"]
+        self.n_texts += len(encoded)
+        self.n_full += sum(len(ids) >= self.max_length for ids in encoded)
+        width = max([len(ids) for ids in encoded] + [1])
+        input_ids = torch.full((len(texts), width), self._pad_id, dtype=torch.long)  # (B, L)
+        attention_mask = torch.zeros((len(texts), width), dtype=torch.long)  # (B, L)
+        for row, ids in enumerate(encoded):
+            if ids:
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, : len(ids)] = 1
+        if self.objective == "clm":
+            labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        else:
+            input_ids, labels = mntp_inputs(
+                input_ids,
+                attention_mask,
+                self.mask_ratio,
+                int(self.mask_token_id),
+                self._special_ids,
+                generator=self._rng(),
+            )
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model side
+# --------------------------------------------------------------------------------------------------
+
+
+def token_logits(
+    encoder: SparseEncoder,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    positions: Tensor | None = None,
+) -> Tensor:
+    """LM-head logits of the encoder's backbone: (N, V) at `positions` (B, L) bool, else (B, L, V).
+
+    The same logits the SPLADE head activates (after Gemma's final soft-capping where the model has
+    one), through the head module itself, so a LoRA layer on the LM head takes part.
+    """
+    if encoder.config.backbone_kind != "causal":
+        raise ValueError(
+            "adaptation trains causal LM backbones; this encoder's backbone is "
+            f"{encoder.config.backbone_kind!r}"
+        )
+    base = encoder.base_model
+    decoder = base.base_model  # e.g. LlamaModel: last_hidden_state is after the final norm
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state  # (B, L, H)
+    if positions is not None:
+        hidden = hidden[positions.to(device=hidden.device, dtype=torch.bool)]  # (N, H)
+    logits = base.get_output_embeddings()(hidden)  # (N, V) or (B, L, V)
+    softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+class AdaptationModel(nn.Module):
+    """What the Trainer (and DDP / DeepSpeed) wraps: token ids -> LM-head logits at given positions.
+
+    One module call per micro-batch, as distributed wrappers expect; the loss stays in the trainer.
+    """
+
+    def __init__(self, encoder: SparseEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
+        return token_logits(self.encoder, input_ids, attention_mask, positions)  # (N, V)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        self.encoder.base_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs
+        )
+
+
+class AdaptationTrainer(Trainer):
+    """`transformers.Trainer` for the adaptation phase: LM objective + relu_weight · L_relu.
+
+    `encoder` is the SparseEncoder to adapt (LoRA already applied if wanted); the objective comes
+    from `adapt_args.adapt_objective` and the encoder's variant (:func:`resolve_objective`). Without
+    a `data_collator`, an :class:`AdaptationCollator` is built from `adapt_args`. `train_dataset`
+    items are ``{"text": str}`` (or plain strings). `relu_margin` is the m of
+    :func:`activation_loss` (not a recipe key yet). Checkpoints are csplade encoder folders plus the
+    Trainer's state, with the contrastive trainer's completion marker, so ``resume_from_checkpoint``
+    works as it does for ``train``.
+    """
+
+    def __init__(
+        self,
+        encoder: SparseEncoder,
+        args,
+        adapt_args: AdaptationArguments | None = None,
+        relu_margin: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        self.adapt_args = adapt_args or AdaptationArguments()
+        self.objective = resolve_objective(self.adapt_args.adapt_objective, encoder.config.variant)
+        if encoder.config.backbone_kind != "causal":
+            raise ValueError("the adaptation phase is for causal LM backbones (not masked LMs)")
+        if self.adapt_args.relu_weight < 0:
+            raise ValueError(f"relu_weight must be >= 0, got {self.adapt_args.relu_weight}")
+        if not 0.0 < self.adapt_args.relu_target <= 1.0:
+            raise ValueError(f"relu_target must be in (0, 1], got {self.adapt_args.relu_target}")
+        self.relu_margin = relu_margin
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = AdaptationCollator(
+                encoder.tokenizer,
+                objective=self.objective,
+                max_length=self.adapt_args.adapt_max_length,
+                mask_ratio=self.adapt_args.mask_ratio,
+            )
+        self.encoder = encoder
+        super().__init__(model=AdaptationModel(encoder), args=args, **kwargs)
+        # The loss is a mean per micro-batch: let the Trainer divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self._metrics: dict[str, list[Tensor]] = defaultdict(list)
+
+    # The dataset's "text" column is read by the collator, not by the model's forward.
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        return data_collator
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = next_token_targets(inputs["labels"])  # (B, L)
+        positions = targets != IGNORE_INDEX  # (B, L)
+        logits = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            positions=positions,
+        )  # (N, V)
+        lm = lm_loss(logits, targets[positions.to(targets.device)])
+        weight = self.adapt_args.relu_weight
+        if weight > 0:
+            relu = activation_loss(
+                logits, target=self.adapt_args.relu_target, margin=self.relu_margin
+            )
+        else:
+            with torch.no_grad():
+                relu = activation_loss(
+                    logits, target=self.adapt_args.relu_target, margin=self.relu_margin
+                )
+        loss = lm + weight * relu
+        if not bool(torch.isfinite(loss.detach())):
+            lm, relu = lm.detach(), relu.detach()
+            raise _non_finite_error(
+                f"non-finite adaptation loss at optimizer step {self.state.global_step + 1} "
+                f"(epoch {self.state.epoch or 0:.3f}): loss={float(lm + weight * relu):.4g}, "
+                f"{self.objective}={float(lm):.4g}, relu={float(relu):.4g}; lower the learning "
+                "rate, check the data, or train in float32/bfloat16 rather than float16"
+            )
+        if model.training:
+            counts = positions.sum(dim=1).tolist()
+            self._metrics[self.objective].append(lm.detach())
+            self._metrics["relu"].append(relu.detach())
+            self._metrics["pos_frac"].append(positive_fraction(logits.detach()))
+            self._metrics["nnz"].append(pooled_nnz(logits.detach(), counts))
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._metrics:
+            names = sorted(self._metrics)
+            means = torch.stack([torch.stack(self._metrics[n]).float().mean() for n in names])
+            if self.accelerator.num_processes > 1:
+                means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
+            for name, value in zip(names, means.tolist(), strict=True):
+                logs[name] = value
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # -------------------------------------------------------------- checkpoints (csplade's format)
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        if state_dict:  # a DeepSpeed / FSDP gather of the wrapper: keys "encoder.backbone.…"
+            prefix = "encoder."
+            state_dict = {
+                k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)
+            }
+        else:
+            state_dict = None
+        self.encoder.save_pretrained(output_dir, state_dict=state_dict, atomic=False)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from csplade.trainer import COMPLETE_MARKER
+
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and folder.is_dir():
+            (folder / COMPLETE_MARKER).write_text(str(self.state.global_step))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from csplade.trainer import load_checkpoint_weights
+
+        load_checkpoint_weights(self.encoder, Path(resume_from_checkpoint))
+
+
+def _non_finite_error(message: str) -> Exception:
+    """The contrastive trainer's NonFiniteLossError, so callers catch one type for both phases."""
+    from csplade.trainer import NonFiniteLossError
+
+    return NonFiniteLossError(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def _save_final(encoder: SparseEncoder, output_dir: Path) -> None:
+    """Write the encoder into `output_dir`, keeping its sub-folders (checkpoint-N, runs).
+
+    Top-level files of an earlier save are removed first (a stale adapter_config.json next to a
+    merged model would make transformers load an adapter), then the new files are moved in.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-final-", dir=output_dir.parent))
+    try:
+        encoder.save_pretrained(tmp, atomic=False)
+        stale = sorted(p.name for p in output_dir.iterdir() if p.is_file() or p.is_symlink())
+        if stale:
+            logger.info("replacing the files of an earlier save in %s: %s", output_dir, stale)
+        for name in stale:
+            (output_dir / name).unlink()
+        for item in tmp.iterdir():
+            os.replace(item, output_dir / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_adaptation(
+    model_args: ModelArguments,
+    adapt_args: AdaptationArguments,
+    training_args,
+) -> Path:
+    """Adapt the backbone a recipe describes on `adapt_data`; save and return its encoder folder.
+
+    `adapt_data` is a corpus.jsonl, a BEIR folder, a plain-text file, or the name of a BEIR folder
+    under $CSPLADE_DATA.
+    The folder (``training_args.output_dir``) loads with :meth:`SparseEncoder.from_pretrained` and
+    is a valid ``model_name_or_path`` for the contrastive ``train``: a merged model when
+    ``merge_adapter`` (or without LoRA), else the LoRA adapter over ``model_name_or_path``.
+    """
+    from transformers import set_seed
+
+    from csplade.data import read_texts
+    from csplade.lora import load_encoder_for_training
+    from csplade.trainer import _resolve_resume as resolve_resume  # same rules as `train`
+    from csplade.trainer import resolve_data_path
+
+    if not training_args.output_dir:
+        raise ValueError("output_dir is required (in the recipe or as --output_dir)")
+    if not adapt_args.adapt_data:
+        raise ValueError(
+            "adapt_data is required (corpus.jsonl, a BEIR folder or a plain-text file)"
+        )
+    objective = resolve_objective(adapt_args.adapt_objective, model_args.variant)
+    merge = adapt_args.merge_adapter and model_args.use_lora
+    if merge and model_args.quantization != "none":
+        raise ValueError(
+            f"merge_adapter with quantization={model_args.quantization!r} would merge the adapter "
+            "into quantized weights; set merge_adapter: false (the saved adapter applies to the "
+            "full-precision base when reloaded)"
+        )
+    set_seed(training_args.seed)
+    encoder = load_encoder_for_training(model_args)
+    data_path = resolve_data_path(adapt_args.adapt_data)  # a path, or a BEIR name in $CSPLADE_DATA
+    texts = read_texts(data_path, max_texts=adapt_args.max_adapt_texts)
+    if len(texts) == 0:
+        raise ValueError(f"{data_path}: no texts to adapt on")
+    logger.info(
+        "adaptation: %s + %g * relu (target %.3g of the vocabulary) on %d texts from %s",
+        objective,
+        adapt_args.relu_weight,
+        adapt_args.relu_target,
+        len(texts),
+        data_path,
+    )
+    trainer = AdaptationTrainer(
+        encoder, args=training_args, adapt_args=adapt_args, train_dataset=texts
+    )
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.accelerator.wait_for_everyone()
+    collator = trainer.data_collator
+    if collator.n_full:
+        logger.info(
+            "%d of %d texts filled adapt_max_length=%d tokens (longer texts were cut there)",
+            collator.n_full,
+            collator.n_texts,
+            adapt_args.adapt_max_length,
+        )
+    if merge:
+        encoder.backbone = encoder.backbone.merge_and_unload()
+    provenance = {
+        "objective": objective,
+        "data": str(data_path),
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "seconds": round(time.time() - started, 2),
+        "merged": bool(merge),
+        "adapt_args": asdict(adapt_args),
+    }
+    encoder.config = replace(
+        encoder.config, extra={**encoder.config.extra, "adaptation": provenance}
+    )
+    out = Path(training_args.output_dir)
+    if trainer.args.should_save:
+        _save_final(encoder, out)
+        logger.info("adapted encoder saved to %s (%s)", out, "merged" if merge else "as saved")
+    trainer.accelerator.wait_for_everyone()
+    return out

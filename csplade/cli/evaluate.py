@@ -1,0 +1,67 @@
+"""`csplade eval --model M … --datasets D … --out OUT [--baseline bm25]`: zero-shot BEIR evaluation."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="zero-shot BEIR evaluation: encode, index, search, pytrec_eval metrics, table and chart",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="a csplade model (folder or packaged name); NAME=MODEL names it; repeatable",
+    )
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        required=True,
+        help="BEIR folders, or names looked up under $CSPLADE_DATA",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (runs, metrics.json, table.md, chart)"
+    )
+    p.add_argument("--baseline", choices=["bm25"], action="append", default=[], help="add BM25")
+    p.add_argument("--split", default="test", help="qrels split (default: test)")
+    p.add_argument(
+        "--max-docs", type=int, default=None, help="evaluate on a corpus slice (smoke runs)"
+    )
+    p.add_argument(
+        "--max-queries", type=int, default=None, help="evaluate the first N queries only"
+    )
+    p.add_argument("--k", type=int, default=1000, help="depth of the runs (default 1000)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--latency-queries", type=int, default=100, help="queries timed one by one")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
+    p.add_argument(
+        "--backend", choices=["numba", "scipy"], default=None, help="exact search kernel"
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from csplade.zeroshot import SystemSpec, evaluate
+
+    systems = [SystemSpec.parse(m) for m in args.model]
+    systems += [SystemSpec.parse(b) for b in args.baseline]
+    written = evaluate(
+        systems,
+        args.datasets,
+        args.out,
+        split=args.split,
+        max_docs=args.max_docs,
+        max_queries=args.max_queries,
+        k=args.k,
+        batch_size=args.batch_size,
+        latency_queries=args.latency_queries,
+        device=args.device,
+        backend=args.backend,
+    )
+    print(written["table"].read_text())
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0
