@@ -1,0 +1,127 @@
+"""Small on-disk helpers shared by the index modules: atomic writes, checksums, packed strings.
+
+Every file the index package writes goes through `atomic_write`: the bytes land in a temporary file
+in the destination's own directory, are flushed and fsync'ed, and only then `os.replace`d over the
+final name. A crash therefore leaves either the old file or the new one, never half of one; a stray
+`.<name>.*.tmp` file is the only possible debris.
+
+`.npz` files are written with fixed zip timestamps, so identical arrays give identical bytes: a
+re-encoded shard has the same sha256 as the original.
+
+Identifier lists (doc ids, query ids) are stored as one UTF-8 byte blob plus int64 offsets rather
+than as a fixed-width numpy unicode array: a single long id would otherwise inflate every entry, and
+object arrays would need pickle, which the package never uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to `path`; on a clean exit fsync it and move it over `path`.
+
+    `mode` is "wb" (binary) or "w" (UTF-8 text). On an exception the temporary file is removed and
+    `path` is left untouched.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        kwargs = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
+        with os.fdopen(fd, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """Write an uncompressed .npz atomically; loadable with `np.load(..., allow_pickle=False)`.
+
+    Unlike `np.savez`, the zip entries carry a fixed timestamp, so the same arrays always give the
+    same bytes (and the same sha256).
+    """
+    with atomic_write(path, "wb") as handle:
+        with zipfile.ZipFile(
+            handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True
+        ) as archive:
+            for key, value in arrays.items():
+                value = np.asarray(value)
+                if value.dtype == object:
+                    raise TypeError(
+                        f"array {key!r} has dtype object; refusing to write it (pickle)"
+                    )
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+                with archive.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, value, allow_pickle=False)
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint_ids(ids: Iterable[str]) -> str:
+    """Order-sensitive sha256 of a list of ids (length-prefixed, so no separator can collide)."""
+    digest = hashlib.sha256()
+    for ident in ids:
+        raw = ident.encode("utf-8")
+        digest.update(len(raw).to_bytes(8, "little"))
+        digest.update(raw)
+    return digest.hexdigest()
+
+
+def pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (UTF-8 blob uint8 (total_bytes,), offsets int64 (n + 1,))."""
+    encoded = [s.encode("utf-8") for s in strings]
+    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    return blob, offsets
+
+
+def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """Inverse of `pack_strings`."""
+    raw = blob.tobytes()
+    bounds = offsets.tolist()
+    return [raw[bounds[i] : bounds[i + 1]].decode("utf-8") for i in range(len(bounds) - 1)]
+
+
+def require_unique_ids(ids: list[str], what: str = "doc id") -> None:
+    """Raise ValueError naming the first repeated id and both of its positions."""
+    seen: dict[str, int] = {}
+    for position, ident in enumerate(ids):
+        if not isinstance(ident, str):
+            raise TypeError(f"{what} at position {position} is {type(ident).__name__}, not str")
+        first = seen.setdefault(ident, position)
+        if first != position:
+            raise ValueError(f"duplicate {what} {ident!r} at positions {first} and {position}")
