@@ -600,7 +600,7 @@ def run_adaptation(
 
     from csplade.data import read_texts
     from csplade.lora import load_encoder_for_training
-    from csplade.trainer import _resolve_resume as resolve_resume  # same rules as `train`
+    from csplade.trainer import resolve_resume  # same rules as `train`
     from csplade.trainer import resolve_data_path
 
     if not training_args.output_dir:

@@ -249,7 +249,7 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _resolve_resume(value: str | None, output_dir: str) -> str | None:
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
     if value in (None, "", "false", "False", "no"):
         return None
     if value in ("true", "True", "latest", "yes"):
@@ -318,7 +318,7 @@ def run_training(
             f"{launched} processes were launched but the trainer joined {trainer.accelerator.num_processes}; "
             "each process would train alone (on CPU, launch with --multi_gpu or set use_cpu: true)"
         )
-    resume = _resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if trainer.args.should_save:
         for folder in remove_incomplete_checkpoints(training_args.output_dir):
             logger.warning("removed incomplete checkpoint %s", folder)

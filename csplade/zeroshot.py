@@ -200,6 +200,7 @@ def evaluate(
     device: str | None = None,
     encoder_overrides: dict[str, Any] | None = None,
     backend: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Path]:
     """Evaluate every system on every data set; write runs, metrics.json, table.md and a chart."""
     from csplade.modeling import SparseEncoder
@@ -222,7 +223,7 @@ def evaluate(
         encoder = None
         if spec.model is not None:
             encoder = SparseEncoder.from_pretrained(
-                spec.model, device=device, **(encoder_overrides or {})
+                spec.model, device=device, dtype=dtype, **(encoder_overrides or {})
             )
         for _name, data, note in sliced:
             (out / data.name).mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         latency_queries=args.latency_queries,
         device=args.device,
         backend=args.backend,
+        dtype=args.dtype,
     )
     print(written["table"].read_text())
     for kind, path in written.items():
