@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backend", choices=["numba", "scipy"], default=None, help="exact search kernel"
     )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="model weights dtype",
+    )
     p.set_defaults(func=_run)
 
 

@@ -1,0 +1,152 @@
+"""Zero-shot evaluation (`csplade.zeroshot.evaluate`) on the tiny `adi` set: a tiny random model + BM25.
+
+The tiny tokenizer knows only pseudo-words (adi's English is mostly <unk>), so these are plumbing
+tests: files, structure, metrics equal to pytrec_eval on the written runs, index reuse, slices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import pytrec_eval
+from tiny import tiny_model, tiny_tokenizer
+
+from csplade.beir import load_beir
+from csplade.evaluation import DEFAULT_METRICS
+from csplade.index import read_trec_run
+from csplade.modeling import SparseEncoder, SparseEncoderConfig
+from csplade.zeroshot import SystemSpec, evaluate, slice_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zs") / "tiny"
+    config = SparseEncoderConfig(base_model="tiny-llama", doc_max_length=48, query_max_length=24)
+    SparseEncoder(tiny_model("llama"), tiny_tokenizer(), config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adi():
+    folder = Path(os.environ["CSPLADE_DATA"]) / "adi"
+    if not (folder / "corpus.jsonl").exists():
+        pytest.fail(f"adi not found under {folder.parent} (set CSPLADE_DATA)")
+    return folder
+
+
+@pytest.fixture
+def count_encodes(monkeypatch):
+    calls = []
+    original = SparseEncoder.encode_docs
+
+    def counting(self, texts, **kwargs):
+        calls.append(len(texts))
+        return original(self, texts, **kwargs)
+
+    monkeypatch.setattr(SparseEncoder, "encode_docs", counting)
+    return calls
+
+
+def run_eval(model, adi, out, **kwargs):
+    systems = [SystemSpec.parse(f"tiny={model}"), SystemSpec.parse("bm25")]
+    options = dict(k=100, batch_size=16, latency_queries=3, backend="scipy")
+    return evaluate(systems, [str(adi)], out, **{**options, **kwargs})
+
+
+def pytrec(qrels, run_file):
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "map", "recall.100"})
+    per_query = evaluator.evaluate(read_trec_run(run_file))
+    return {
+        name: sum(q[name] for q in per_query.values()) / len(qrels)
+        for name in ("ndcg_cut_10", "map", "recall_100")
+    }
+
+
+def test_evaluate_writes_metrics_table_chart_runs_and_reuses_the_index(
+    model, adi, tmp_path, count_encodes
+):
+    out = tmp_path / "out"
+    written = run_eval(model, adi, out)
+    assert count_encodes, "the corpus was not encoded"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"tiny", "bm25"}
+    data = load_beir(adi)
+    for system in ("tiny", "bm25"):
+        assert set(metrics[system]) == {"adi"}
+        assert set(metrics[system]["adi"]) == set(DEFAULT_METRICS)
+        assert all(0 <= v <= 1 for v in metrics[system]["adi"].values())
+        # the numbers are pytrec_eval's on the run files that were written
+        reference = pytrec(data.qrels, out / "adi" / f"{system}.trec")
+        for name, value in reference.items():
+            assert metrics[system]["adi"][name] == pytest.approx(value, abs=1e-9), (system, name)
+    assert metrics["bm25"]["adi"]["ndcg_cut_10"] > 0.2  # BM25 works on real text
+    assert read_trec_run(out / "adi" / "run.trec") == read_trec_run(out / "adi" / "tiny.trec")
+    table = (out / "table.md").read_text()
+    assert "| average |" in table and "tiny nDCG@10" in table and "bm25 nDCG@10" in table
+    assert "slice" not in table
+    assert written["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    efficiency = json.loads((out / "efficiency.json").read_text())
+    assert efficiency["tiny"]["adi"]["doc_nnz"] > 0
+    shards = sorted((out / "adi").glob("index-tiny-*/shard-*.npz"))
+    assert shards
+    mtimes = [p.stat().st_mtime_ns for p in shards]
+
+    count_encodes.clear()
+    run_eval(model, adi, out)
+    assert count_encodes == []  # the encoded corpus was reused, not re-encoded
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+def test_slices_are_labelled_and_settings_are_not_mixed(model, adi, tmp_path):
+    out = tmp_path / "out"
+    run_eval(model, adi, out, max_docs=30, max_queries=5)
+    table = (out / "table.md").read_text()
+    assert "slice of adi" in table and "5 of 35 queries" in table
+    data, note = slice_data(load_beir(adi), 30, 5)
+    run = read_trec_run(out / "adi" / "tiny.trec")
+    assert set(run) == set(data.queries) and len(run) == 5
+    assert {d for docs in run.values() for d in docs} <= set(data.doc_ids)
+    assert len(data.doc_ids) >= 30 and note
+    with pytest.raises(ValueError, match="other settings"):
+        run_eval(model, adi, out, max_docs=40, max_queries=5)
+    with pytest.raises(ValueError, match="other settings"):
+        run_eval(model, adi, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"tiny", "bm25"}  # the refused calls left the results alone
+
+
+def test_system_spec_and_argument_errors(tmp_path):
+    assert SystemSpec.parse("bm25") == SystemSpec("bm25", None)
+    assert SystemSpec.parse("runs/my-model/") == SystemSpec("my-model", "runs/my-model/")
+    assert SystemSpec.parse("a=b/c") == SystemSpec("a", "b/c")
+    with pytest.raises(ValueError, match="NAME=MODEL"):
+        SystemSpec.parse("=x")
+    with pytest.raises(ValueError, match="share a name"):
+        evaluate([SystemSpec("x", "a"), SystemSpec("x", "b")], ["adi"], tmp_path)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate([], ["adi"], tmp_path)
+    with pytest.raises(FileNotFoundError, match="no-such-set"):
+        evaluate([SystemSpec.parse("bm25")], ["no-such-set"], tmp_path)
+
+
+def test_eval_entry_point_runs_csplade_eval(adi, model, tmp_path, capsys):
+    """eval/beir.py -> `csplade eval` (the verb's parser and the wrapper's pass-through options)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_beir", REPO / "eval" / "beir.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    out = tmp_path / "out"
+    assert entry.main(["--model", f"tiny={model}", "--datasets", str(adi), "--out", str(out),
+                       "--k", "50", "--max-queries", "4", "--latency-queries", "2",
+                       "--backend", "scipy", "--batch-size", "16"]) == 0  # fmt: skip
+    assert "tiny nDCG@10" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"tiny", "bm25"}
+    assert len(read_trec_run(out / "adi" / "bm25.trec")) == 4  # --max-queries reached evaluate
