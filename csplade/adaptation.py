@@ -600,8 +600,10 @@ def run_adaptation(
 
     from csplade.data import read_texts
     from csplade.lora import load_encoder_for_training
-    from csplade.trainer import resolve_resume  # same rules as `train`
-    from csplade.trainer import resolve_data_path
+    from csplade.trainer import (
+        resolve_data_path,
+        resolve_resume,  # same rules as `train`
+    )
 
     if not training_args.output_dir:
         raise ValueError("output_dir is required (in the recipe or as --output_dir)")
@@ -648,6 +650,10 @@ def run_adaptation(
         )
     if merge:
         encoder.backbone = encoder.backbone.merge_and_unload()
+    if model_args.head_bias_df is not None:
+        # after the LM phase, which moved the logits: calibrate on (up to 512 of) the adaptation texts
+        sample = texts.select(range(min(512, len(texts))))["text"]
+        encoder.calibrate_head_bias(sample, doc_fraction=model_args.head_bias_df)
     provenance = {
         "objective": objective,
         "data": str(data_path),

@@ -57,6 +57,13 @@ class ModelArguments:
         default=False, metadata={"help": "inference-free: queries are IDF-weighted token ids"}
     )
     pool_special_tokens: bool | None = None
+    head_bias_df: float | None = field(
+        default=None,
+        metadata={
+            "help": "calibrate a per-term head bias so each term fires in this fraction of the "
+            "training documents before training, when the model has none (e.g. 0.01)"
+        },
+    )
     fused_head: bool = True
     head_chunk_size: int | None = None
     model_dtype: str = field(
@@ -77,6 +84,13 @@ class ModelArguments:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     lora_lm_head: bool = field(default=False, metadata={"help": "also put LoRA on the LM head"})
+    lora_last_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA only on the last N transformer blocks: the backward pass stops there "
+            "(cheaper steps, less capacity); None: every block"
+        },
+    )
 
     def __post_init__(self) -> None:
         _choice("variant", self.variant, ("uni", "echo", "bi"))
@@ -90,6 +104,10 @@ class ModelArguments:
             )
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.head_bias_df is not None and not 0 < self.head_bias_df < 1:
+            raise ValueError(f"head_bias_df must be in (0, 1), got {self.head_bias_df}")
+        if self.lora_last_layers is not None and self.lora_last_layers < 1:
+            raise ValueError(f"lora_last_layers must be >= 1, got {self.lora_last_layers}")
 
     def encoder_settings(self) -> dict[str, Any]:
         """The SparseEncoderConfig fields this recipe sets."""

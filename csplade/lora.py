@@ -8,6 +8,11 @@ delta into its weight, see :func:`csplade.modeling._head_params`).
 QLoRA: the backbone is loaded in 4-bit (nf4/fp4) or 8-bit with bitsandbytes (which also runs on CPU) and
 prepared with peft's `prepare_model_for_kbit_training`; the LM head stays in full precision (bitsandbytes
 skips it by default), so the fused head still applies.
+
+`lora_last_layers: N` puts the adapter on the last N blocks only. Nothing below them needs a gradient, so
+autograd records no graph there and the backward pass stops at block L-N: a step costs about one forward
+plus the backward of N blocks, instead of a forward and a full backward (about 3 forwards). It is the knob
+that makes LLM training steps affordable on a CPU (`csplade demo`), at the price of adapter capacity.
 """
 
 from __future__ import annotations
@@ -76,11 +81,19 @@ def apply_lora(encoder: SparseEncoder, model_args: ModelArguments) -> SparseEnco
         head = encoder.base_model.get_output_embeddings()
         head_name = next(n for n, m in encoder.backbone.named_modules() if m is head)
         targets.append(head_name.rsplit(".", 1)[-1])
+    layers = None
+    if model_args.lora_last_layers is not None:
+        n_layers = encoder.base_model.config.get_text_config().num_hidden_layers
+        first = max(0, n_layers - model_args.lora_last_layers)
+        layers = list(range(first, n_layers))
+        if model_args.lora_lm_head:
+            raise ValueError("lora_last_layers and lora_lm_head cannot be combined")
     config = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=targets,
+        layers_to_transform=layers,
         bias="none",
     )
     encoder.backbone = get_peft_model(encoder.backbone, config)

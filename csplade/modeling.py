@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -60,6 +61,7 @@ POOLINGS = ("max", "sum")
 BACKBONE_KINDS = ("causal", "mlm")
 CONFIG_NAME = "csplade_config.json"
 QUERY_WEIGHTS_NAME = "query_weights.safetensors"
+HEAD_BIAS_NAME = "head_bias.safetensors"
 
 
 @dataclass
@@ -222,7 +224,12 @@ class SparseEncoder(nn.Module):
     accepts_loss_kwargs = False
 
     def __init__(
-        self, backbone: nn.Module, tokenizer, config: SparseEncoderConfig, query_weights=None
+        self,
+        backbone: nn.Module,
+        tokenizer,
+        config: SparseEncoderConfig,
+        query_weights=None,
+        head_bias=None,
     ):
         super().__init__()
         base = _unwrap(backbone)
@@ -252,6 +259,16 @@ class SparseEncoder(nn.Module):
                     f"query_weights has {query_weights.numel()} entries, the vocabulary {vocab}"
                 )
         self.register_buffer("query_weights", query_weights, persistent=False)
+        self.head_bias: nn.Parameter | None
+        if head_bias is not None:
+            head_bias = torch.as_tensor(head_bias, dtype=torch.float32).flatten()
+            if head_bias.numel() != vocab:
+                raise ValueError(
+                    f"head_bias has {head_bias.numel()} entries, the vocabulary {vocab}"
+                )
+            self.head_bias = nn.Parameter(head_bias.clone())
+        else:
+            self.register_parameter("head_bias", None)
         if config.variant == "bi":
             from csplade.bidirectional import make_bidirectional
 
@@ -457,6 +474,11 @@ class SparseEncoder(nn.Module):
 
     def _pool(self, hidden, params, pool_mask, softcap) -> torch.Tensor:
         weight, bias = params
+        if self.head_bias is not None:
+            head_bias = self.head_bias.to(
+                weight.dtype if weight.is_floating_point() else torch.float32
+            )
+            bias = head_bias if bias is None else bias + head_bias
         return sparse_pool(
             hidden,
             weight,
@@ -474,6 +496,8 @@ class SparseEncoder(nn.Module):
 
         def logits_of(h):
             logits = out_emb(h).float()
+            if self.head_bias is not None:
+                logits = logits + self.head_bias
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
             return logits
@@ -497,6 +521,79 @@ class SparseEncoder(nn.Module):
             else:
                 result = result + part
         return result
+
+    @torch.no_grad()
+    def raw_max_logits(
+        self, texts: Sequence[str], kind: str = "doc", batch_size: int = 16
+    ) -> torch.Tensor:
+        """Max over each text's pooled positions of the LM-head logits, before any bias (n, V) float32.
+
+        Chunked over the vocabulary like the fused head; used to calibrate :attr:`head_bias`.
+        """
+        texts = _check_texts(texts)
+        out_emb = self.base_model.get_output_embeddings()
+        params = _head_params(out_emb)
+        if params is None:
+            raise ValueError("head-bias calibration needs a plain (unquantized) LM head")
+        weight, bias = params
+        vocab = weight.shape[0]
+        step = 8192
+        rows = []
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(texts), batch_size):
+                batch = self.tokenize(texts[start : start + batch_size], kind=kind)
+                batch.pop("n_truncated")
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                hidden, _ = self._hidden_states(batch["input_ids"], batch["attention_mask"])
+                mask = (batch["pool_mask"] & batch["attention_mask"].bool()).unsqueeze(
+                    -1
+                )  # (B, L, 1)
+                row = torch.empty(hidden.shape[0], vocab)
+                for v0 in range(0, vocab, step):
+                    logits = (hidden @ weight[v0 : v0 + step].T).float()  # (B, L, C)
+                    if bias is not None:
+                        logits = logits + bias[v0 : v0 + step].float()
+                    logits = logits.masked_fill(~mask, float("-inf"))
+                    row[:, v0 : v0 + step] = logits.amax(dim=1).cpu()
+                rows.append(row)
+        finally:
+            self.train(was_training)
+        return torch.cat(rows) if rows else torch.empty(0, vocab)
+
+    def calibrate_head_bias(
+        self, texts: Sequence[str], doc_fraction: float = 0.01, batch_size: int = 16
+    ) -> torch.Tensor:
+        """Set a per-term bias so that each term is active in about `doc_fraction` of `texts`.
+
+        Why: a causal LM's head is trained for a softmax, which ignores where zero lies. Some backbones
+        put most logits below zero (Llama-3: the "dying ReLU" of CSPLADE), others above (SmolLM2-135M:
+        82% of its logits are positive, so every SPLADE vector is the whole vocabulary and FLOPS starts
+        from an absurd point). The bias b_v = -q_v, with q_v the (1 - doc_fraction) quantile over the
+        texts of term v's max-pooled logit, makes every term fire in that fraction of texts: an
+        IDF-like prior (frequent, generic terms are shifted down most). It is a trainable parameter of
+        the encoder, like the MLM decoder bias of classic SPLADE, and is saved with it. Texts with no
+        pooled token are ignored. Returns the bias.
+        """
+        if not 0 < doc_fraction < 1:
+            raise ValueError(f"doc_fraction must be in (0, 1), got {doc_fraction}")
+        raw = self.raw_max_logits(texts, kind="doc", batch_size=batch_size)  # (n, V)
+        raw = raw[torch.isfinite(raw).all(dim=1)]
+        if raw.shape[0] < 2:
+            raise ValueError("head-bias calibration needs at least 2 non-empty texts")
+        k = max(1, min(raw.shape[0], math.ceil((1 - doc_fraction) * raw.shape[0])))
+        quantile = raw.kthvalue(k, dim=0).values  # (V,)
+        if self.head_bias is not None:
+            logger.info("replacing the existing head bias")
+        self.head_bias = nn.Parameter((-quantile).float().to(self.device))
+        self._fingerprint = None
+        logger.info(
+            "calibrated the head bias on %d texts: each term active in ~%.2f%% of them",
+            raw.shape[0],
+            100 * doc_fraction,
+        )
+        return self.head_bias.detach()
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any
@@ -667,6 +764,8 @@ class SparseEncoder(nn.Module):
                 digest.update(sample.tobytes())
             if self.query_weights is not None:
                 digest.update(self.query_weights.cpu().numpy().tobytes())
+            if self.head_bias is not None:
+                digest.update(self.head_bias.detach().float().cpu().numpy().tobytes())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
@@ -716,12 +815,20 @@ class SparseEncoder(nn.Module):
         self.backbone.save_pretrained(folder, **kwargs)
         self.tokenizer.save_pretrained(folder)
         (folder / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2, sort_keys=True))
-        if self.query_weights is not None:
-            from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
+        if self.query_weights is not None:
             save_file(
                 {"query_weights": self.query_weights.detach().cpu().contiguous()},
                 folder / QUERY_WEIGHTS_NAME,
+            )
+        head_bias = self.head_bias
+        if state_dict is not None and "head_bias" in state_dict:
+            head_bias = state_dict["head_bias"]
+        if head_bias is not None:
+            save_file(
+                {"head_bias": head_bias.detach().float().cpu().contiguous()},
+                folder / HEAD_BIAS_NAME,
             )
 
     @classmethod
@@ -746,7 +853,7 @@ class SparseEncoder(nn.Module):
         """
         path = resolve_model(name_or_path)
         config_file = path / CONFIG_NAME
-        query_weights = None
+        query_weights = head_bias = None
         load_kwargs = dict(backbone_kwargs or {})
         if dtype is not None:
             load_kwargs["dtype"] = dtype
@@ -779,6 +886,7 @@ class SparseEncoder(nn.Module):
                 from safetensors.torch import load_file
 
                 query_weights = load_file(weights_file)["query_weights"]
+            head_bias = load_head_bias(path)
         else:
             overrides.setdefault("base_model", str(name_or_path))
             config = SparseEncoderConfig().with_overrides(**overrides)
@@ -786,11 +894,21 @@ class SparseEncoder(nn.Module):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        encoder = cls(backbone, tokenizer, config, query_weights=query_weights)
+        encoder = cls(backbone, tokenizer, config, query_weights=query_weights, head_bias=head_bias)
         encoder = quantize.finish_loading(encoder, quantization, quantize_head)
         if device is not None:
             encoder.to(device)
         return encoder.eval()
+
+
+def load_head_bias(folder: Path) -> torch.Tensor | None:
+    """The calibrated per-term head bias saved in an encoder folder (None if it has none)."""
+    file = Path(folder) / HEAD_BIAS_NAME
+    if not file.exists():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(file)["head_bias"]
 
 
 def _load_backbone(path: Path, kind: str | None, load_kwargs: dict[str, Any]) -> nn.Module:

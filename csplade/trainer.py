@@ -201,6 +201,14 @@ def load_checkpoint_weights(encoder: SparseEncoder, folder: Path) -> None:
     """Load the weights of a csplade checkpoint folder into `encoder` in place (adapter or full)."""
     from safetensors.torch import load_file
 
+    from csplade.modeling import load_head_bias
+
+    head_bias = load_head_bias(folder)
+    if head_bias is not None:
+        if encoder.head_bias is None:
+            raise RuntimeError(f"checkpoint {folder} has a head bias the model lacks")
+        with torch.no_grad():
+            encoder.head_bias.copy_(head_bias.to(encoder.head_bias.device))
     adapter_file = folder / "adapter_model.safetensors"
     if encoder.is_adapter:
         if not adapter_file.exists():
@@ -297,6 +305,8 @@ def run_training(
     encoder = load_encoder_for_training(model_args)
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     dataset = load_training_groups(data_args, seed=seed)
+    if model_args.head_bias_df is not None and encoder.head_bias is None:
+        calibrate_on_training_docs(encoder, dataset, model_args.head_bias_df)
     idf = None
     if sparsity_args.doc_regularizer == "idf_flops" or model_args.doc_only:
         from csplade.data import corpus_idf
@@ -344,6 +354,16 @@ def run_training(
         tmp.write_text(json.dumps(info, indent=2, default=str))
         os.replace(tmp, out / RUN_INFO)
     return Path(training_args.output_dir)
+
+
+def calibrate_on_training_docs(encoder: SparseEncoder, dataset, doc_fraction: float, n: int = 512):
+    """Calibrate the encoder's head bias on up to `n` training documents (every process the same)."""
+    import itertools
+
+    from csplade.data import document_texts
+
+    texts = list(itertools.islice(document_texts(dataset), n))
+    encoder.calibrate_head_bias(texts, doc_fraction=doc_fraction)
 
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path) -> Path:

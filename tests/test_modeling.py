@@ -298,3 +298,30 @@ def test_smollm2_query_vector_carries_its_own_tokens(prepared):
     assert sum(w > 0 for w in own_w) >= len(own) // 2
     # the query's own tokens sit well above the median non-zero weight
     assert np.median(own_w) > np.median(vec.data)
+
+
+def test_head_bias_calibration_sets_each_terms_document_frequency(tmp_path):
+    base = _save_tiny_backbone(tmp_path)
+    enc = SparseEncoder.from_pretrained(base)
+    texts = random_texts(200, 4, 10, seed=11)
+    dense_before = dense(enc.encode_docs(texts, show_progress=False))
+    enc.calibrate_head_bias(texts, doc_fraction=0.05)
+    after = dense(enc.encode_docs(texts, show_progress=False))
+    df = (after > 0).mean(axis=0)  # fraction of texts in which each term fires
+    assert abs(df.mean() - 0.05) < 0.01, df.mean()
+    assert (after > 0).sum(1).mean() < (dense_before > 0).sum(1).mean()
+    raw = enc.raw_max_logits(texts[:3]).numpy()
+    np.testing.assert_allclose(
+        np.log1p(np.maximum(raw + enc.head_bias.detach().numpy(), 0)),
+        after[:3],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    enc.save_pretrained(tmp_path / "calibrated")
+    again = SparseEncoder.from_pretrained(tmp_path / "calibrated")
+    assert torch.equal(again.head_bias.detach(), enc.head_bias.detach())
+    np.testing.assert_array_equal(
+        dense(again.encode_docs(texts[:5], show_progress=False)), after[:5]
+    )
+    with pytest.raises(ValueError, match=r"doc_fraction must be in \(0, 1\)"):
+        enc.calibrate_head_bias(texts, doc_fraction=1.5)

@@ -190,3 +190,32 @@ def test_train_cli_reports_recipe_errors(tmp_path):
     )
     assert result.returncode == 2
     assert "unknown key 'varient'; did you mean 'variant'?" in result.stderr
+
+
+def test_lora_on_the_last_layers_only(task, tmp_path):
+    out = run_training(
+        *parse_recipe(
+            None,
+            _args(task, tmp_path / "last", "--max_steps", "3", "--use_lora", "--lora_r", "4",
+                  "--lora_last_layers", "1", "--lora_dropout", "0"),
+        )
+    )  # fmt: skip
+    adapter = load_file(out / "adapter_model.safetensors")
+    layers = {int(k.split(".layers.")[1].split(".")[0]) for k in adapter}
+    assert layers == {1}  # the tiny model has 2 blocks: only the last one is adapted
+    assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)
+
+
+def test_head_bias_is_calibrated_then_trained_and_resumed(task, tmp_path):
+    out = run_training(
+        *parse_recipe(
+            None,
+            _args(task, tmp_path / "bias", "--max_steps", "4", "--use_lora", "--lora_r", "4",
+                  "--head_bias_df", "0.05", "--save_steps", "2"),
+        )
+    )  # fmt: skip
+    trained = SparseEncoder.from_pretrained(out)
+    assert trained.head_bias is not None
+    checkpoint = SparseEncoder.from_pretrained(out / "checkpoint-2")
+    assert not torch.equal(trained.head_bias, checkpoint.head_bias)  # the bias trains
+    assert (out / "head_bias.safetensors").exists()
