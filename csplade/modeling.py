@@ -285,6 +285,9 @@ class SparseEncoder(nn.Module):
     def vocab_size(self) -> int:
         out = self.base_model.get_output_embeddings()
         if out is not None:
+            features = getattr(out, "out_features", None)  # robust to packed (quantized) weights
+            if isinstance(features, int) and features > 0:
+                return features
             weight = getattr(out, "weight", None)
             if weight is None and hasattr(out, "base_layer"):
                 weight = out.base_layer.weight
@@ -507,7 +510,8 @@ class SparseEncoder(nn.Module):
             act = splade_activation(logits_of(hidden)) * mask  # (B, L, V)
             return act.amax(dim=1) if self.config.pooling == "max" else act.sum(dim=1)
         result = None
-        step = max(1, 4096 // max(1, hidden.shape[0]))
+        # positions per chunk so that one float32 (B, step, V) logits chunk stays near 64 MiB
+        step = max(1, (64 * 2**20) // (4 * hidden.shape[0] * max(1, self.vocab_size)))
         for start in range(0, hidden.shape[1], step):
             act = (
                 splade_activation(logits_of(hidden[:, start : start + step]))
