@@ -30,11 +30,14 @@ def test_the_expected_recipes_exist():
     for variant in ("uni", "echo", "bi"):
         assert f"smollm2-135m/adapt-{variant}.yaml" in names
         assert f"smollm2-135m/train-{variant}.yaml" in names
+        assert f"smollm2-135m/distill-{variant}.yaml" in names
+        assert f"smollm2-135m/selfmine-{variant}.yaml" in names
     assert {
         "llama-3.1-8b/adapt-mntp.yaml",
         "llama-3.1-8b/train-bi-lora.yaml",
         "mistral-7b/train-echo-lora.yaml",
         "bert/splade-pp.yaml",
+        "bert/inference-free.yaml",
     } <= names
 
 

@@ -1,0 +1,66 @@
+"""`csplade demo [--out DIR] [--full]`: the main job end to end on the embedded default (see csplade.demo)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="adapt + train SmolLM2-135M on SciFact, evaluate untrained vs trained vs BM25",
+    )
+    p.add_argument("--out", default="runs/demo", help="working folder (each stage is cached there)")
+    p.add_argument(
+        "--full", action="store_true", help="evaluate on the full test split (slow on CPU)"
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from csplade.demo import DEMO, run_demo
+
+    written = run_demo(args.out, full=args.full)
+    print()
+    print(summary_table(written["table"].parent))
+    print(f"full table: {written['table']}")
+    print(f"chart: {written['chart']}")
+    timings = Path(args.out) / "timings.json"
+    if timings.exists():
+        print("stage times (s):", json.loads(timings.read_text()))
+    print(
+        f"settings: SmolLM2-135M, variant {DEMO.variant}, {DEMO.model_dtype}; "
+        f"adaptation {DEMO.adapt['max_steps']} steps, training {DEMO.train['max_steps']} steps"
+    )
+    return 0
+
+
+def summary_table(eval_dir) -> str:
+    """One row per system (nDCG@10, R@100, MRR@10, sizes, latency) from an evaluation folder."""
+    import json
+    from pathlib import Path
+
+    eval_dir = Path(eval_dir)
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    efficiency_file = eval_dir / "efficiency.json"
+    efficiency = json.loads(efficiency_file.read_text()) if efficiency_file.exists() else {}
+    lines = [
+        "| system | dataset | nDCG@10 | R@100 | MRR@10 | q nnz | d nnz | query p50 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for system, per_dataset in metrics.items():
+        for dataset, values in per_dataset.items():
+            eff = efficiency.get(system, {}).get(dataset, {})
+
+            def number(value, fmt):
+                return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+            lines.append(
+                f"| {system} | {dataset} | {values['ndcg_cut_10']:.3f} | {values['recall_100']:.3f}"
+                f" | {values['recip_rank_10']:.3f} | {number(eff.get('query_nnz'), ',.0f')}"
+                f" | {number(eff.get('doc_nnz'), ',.0f')} | {number(eff.get('query_p50_ms'), '.0f')} |"
+            )
+    return "\n".join(lines)
