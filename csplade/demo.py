@@ -35,10 +35,10 @@ logger = logging.getLogger(__name__)
 class DemoSettings:
     """The embedded default job (recipe keys as in recipes/smollm2-135m/, sized for a 2-core CPU)."""
 
-    variant: str = "uni"
-    model_dtype: str = (
-        "bfloat16"  # bf16 matmuls are much faster on recent x86 CPUs (AMX); LoRA stays fp32
-    )
+    # uni pools positions that predict the *next* token; echo's second copy has seen the whole text
+    variant: str = "echo"
+    # bf16 matmuls are much faster on recent x86 CPUs (AMX); LoRA weights stay fp32
+    model_dtype: str = "bfloat16"
     adapt: dict[str, Any] = field(
         default_factory=lambda: {
             "lora_last_layers": 8,
@@ -54,8 +54,8 @@ class DemoSettings:
             "lora_last_layers": 8,
             "query_max_length": 16,
             "doc_max_length": 48,
-            "group_size": 2,
-            "per_device_train_batch_size": 8,
+            "group_size": 1,  # in-batch negatives only: more queries per step for the same tokens
+            "per_device_train_batch_size": 16,
             "max_steps": 30,
             "learning_rate": 1e-3,
             "warmup_steps": 3,
@@ -64,6 +64,7 @@ class DemoSettings:
             "reg_warmup_steps": 15,
         }
     )
+    name: str = "smollm2"  # system names in the table: NAME-VARIANT-untrained / -trained
     eval_doc_max_length: int = 64
     max_queries: int = 80
     max_docs: int = 400
@@ -106,9 +107,20 @@ def _done(folder: Path) -> bool:
 
 
 def run_demo(
-    out: str | os.PathLike = "runs/demo", full: bool = False, settings: DemoSettings = DEMO
+    out: str | os.PathLike = "runs/demo",
+    full: bool = False,
+    settings: DemoSettings = DEMO,
+    data: str | os.PathLike | None = None,
+    backbone: str | os.PathLike | None = None,
+    train_split: str = "train",
+    eval_split: str = "test",
 ):
-    """Run (or resume) the demo; returns the paths written by the evaluation."""
+    """Run (or resume) the demo; returns the paths written by the evaluation.
+
+    `data` (a BEIR folder; default SciFact, see :func:`find_scifact`) and `backbone` (a plain HF folder;
+    default the prepared SmolLM2-135M) let the same pipeline run on other collections and models: the
+    test suite runs it on the tiny ADI collection with a tiny random model.
+    """
     from csplade.backbones import prepare
     from csplade.configs import (
         AdaptationArguments,
@@ -122,8 +134,8 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     repo_recipes = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m"
     timings: dict[str, float] = {}
-    scifact = find_scifact()
-    backbone = prepare("smollm2-135m")
+    scifact = Path(data) if data is not None else find_scifact()
+    backbone = Path(backbone) if backbone is not None else prepare("smollm2-135m")
     variant = settings.variant
     common = ["--variant", variant, "--model_dtype", settings.model_dtype]
 
@@ -164,6 +176,8 @@ def run_demo(
                 str(adapt_dir),
                 "--train_data",
                 str(scifact),
+                "--train_split",
+                train_split,
                 "--output_dir",
                 str(train_dir),
                 "--save_steps",
@@ -179,14 +193,15 @@ def run_demo(
     started = time.time()
     overrides = {"doc_max_length": settings.eval_doc_max_length}
     systems = [
-        SystemSpec(f"smollm2-{variant}-untrained", str(backbone)),
-        SystemSpec(f"smollm2-{variant}-trained", str(train_dir)),
+        SystemSpec(f"{settings.name}-{variant}-untrained", str(backbone)),
+        SystemSpec(f"{settings.name}-{variant}-trained", str(train_dir)),
         SystemSpec("bm25", None),
     ]
     written = evaluate(
         systems,
         [str(scifact)],
         out / ("eval-full" if full else "eval"),
+        split=eval_split,
         max_docs=None if full else settings.max_docs,
         max_queries=None if full else settings.max_queries,
         batch_size=16,

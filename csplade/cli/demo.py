@@ -14,16 +14,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--full", action="store_true", help="evaluate on the full test split (slow on CPU)"
     )
+    p.add_argument(
+        "--variant",
+        choices=("uni", "echo", "bi"),
+        default=None,
+        help="CSPLADE variant (default: the embedded default's, echo)",
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
     from pathlib import Path
 
     from csplade.demo import DEMO, run_demo
 
-    written = run_demo(args.out, full=args.full)
+    settings = dataclasses.replace(DEMO, variant=args.variant) if args.variant else DEMO
+    written = run_demo(args.out, full=args.full, settings=settings)
     print()
     print(summary_table(written["table"].parent))
     print(f"full table: {written['table']}")
@@ -32,8 +40,8 @@ def _run(args: argparse.Namespace) -> int:
     if timings.exists():
         print("stage times (s):", json.loads(timings.read_text()))
     print(
-        f"settings: SmolLM2-135M, variant {DEMO.variant}, {DEMO.model_dtype}; "
-        f"adaptation {DEMO.adapt['max_steps']} steps, training {DEMO.train['max_steps']} steps"
+        f"settings: SmolLM2-135M, variant {settings.variant}, {settings.model_dtype}; "
+        f"adaptation {settings.adapt['max_steps']} steps, training {settings.train['max_steps']} steps"
     )
     return 0
 

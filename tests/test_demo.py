@@ -1,0 +1,102 @@
+"""The demo pipeline (`csplade.demo.run_demo`) end to end on the tiny ADI collection with a tiny model.
+
+Same code path as `make demo` (adaptation recipe, training recipe, evaluation of untrained, trained and
+BM25, table, chart, cached stages); only the backbone, the collection and the step counts are small.
+ADI has no train split, so the smoke run trains on its test judgments: the figures mean nothing, the
+plumbing is what is tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from tiny import tiny_model, tiny_tokenizer
+
+from csplade.cli.demo import summary_table
+from csplade.demo import DEMO, find_scifact, run_demo
+
+
+def _tiny_settings(variant: str):
+    return dataclasses.replace(
+        DEMO,
+        name="tiny",
+        variant=variant,
+        model_dtype="float32",
+        adapt={
+            **DEMO.adapt,
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "lora_last_layers": 1,
+        },
+        train={
+            **DEMO.train,
+            "max_steps": 3,
+            "per_device_train_batch_size": 4,
+            "lora_last_layers": 1,
+        },
+        max_docs=None,
+        max_queries=None,
+    )
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo") / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adi():
+    folder = Path(os.environ["CSPLADE_DATA"]) / "adi"
+    if not (folder / "corpus.jsonl").exists():
+        pytest.fail(f"adi not found under {folder.parent} (set CSPLADE_DATA)")
+    return folder
+
+
+@pytest.mark.parametrize("variant", ["echo", "bi"])
+def test_demo_runs_end_to_end_and_caches_its_stages(backbone, adi, tmp_path, variant):
+    settings = _tiny_settings(variant)
+    out = tmp_path / "demo"
+    written = run_demo(out, settings=settings, data=adi, backbone=backbone, train_split="test")
+
+    assert (out / f"adapt-{variant}" / "csplade_config.json").exists()
+    assert (out / f"train-{variant}" / "adapter_model.safetensors").exists()
+    metrics = json.loads((written["table"].parent / "metrics.json").read_text())
+    systems = [f"tiny-{variant}-untrained", f"tiny-{variant}-trained", "bm25"]
+    assert list(metrics) == systems
+    for system in systems:
+        assert 0.0 <= metrics[system]["adi"]["ndcg_cut_10"] <= 1.0
+    assert metrics["bm25"]["adi"]["ndcg_cut_10"] > 0.1  # real English text, real BM25
+    assert written["chart"].exists() and written["chart"].stat().st_size > 0
+    table = summary_table(written["table"].parent)
+    assert all(f"| {system} | adi |" in table for system in systems)
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"adapt_s", "train_s", "eval_s"} <= set(timings)
+
+    # second run: adaptation and training are skipped (their folders are not rewritten)
+    stamp = (out / f"train-{variant}" / "adapter_model.safetensors").stat().st_mtime_ns
+    time.sleep(0.01)
+    again = run_demo(out, settings=settings, data=adi, backbone=backbone, train_split="test")
+    assert (out / f"train-{variant}" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((again["table"].parent / "metrics.json").read_text()) == metrics
+
+
+def test_missing_data_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("CSPLADE_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("CSPLADE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("csplade.beir.download_beir", offline)
+    with pytest.raises(FileNotFoundError, match="CSPLADE_DATA=") as info:
+        find_scifact()
+    assert "network unreachable" in str(info.value)
