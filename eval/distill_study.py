@@ -16,6 +16,7 @@ Pipeline (every stage cached under --out, so an interrupted run resumes):
 
     python eval/distill_study.py --out runs/distill-study            # ~45 min on 2 CPU cores
     python eval/distill_study.py --variants uni --max-steps 10      # a quicker look
+    python eval/distill_study.py --variants bi --adapt-steps 30 --learning-rate 3e-4 --out runs/bi
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/distill-study")
     parser.add_argument("--variants", nargs="+", default=["uni", "echo", "bi"])
     parser.add_argument("--max-steps", type=int, default=None, help="training steps (demo's)")
+    parser.add_argument("--adapt-steps", type=int, default=None, help="adaptation steps (demo's)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="training lr (demo's)")
     parser.add_argument("--max-docs", type=int, default=400, help="docs per collection slice")
     parser.add_argument("--max-queries", type=int, default=80, help="queries per collection slice")
     parser.add_argument("--datasets", nargs="+", default=["scifact", "cranfield"])
@@ -91,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     train_settings = {**DEMO.train, "group_size": 2, "per_device_train_batch_size": 8}
     if args.max_steps:
         train_settings["max_steps"] = args.max_steps
-    settings = dataclasses.replace(DEMO, train=train_settings)
+    if args.learning_rate:
+        train_settings["learning_rate"] = args.learning_rate
+    adapt_settings = dict(DEMO.adapt)
+    if args.adapt_steps:
+        adapt_settings["max_steps"] = args.adapt_steps
+    settings = dataclasses.replace(DEMO, train=train_settings, adapt=adapt_settings)
     scifact = find_dataset("scifact")
     backbone = prepare("smollm2-135m")
 
@@ -150,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Slices: at most {args.max_docs} docs (every judged doc of the kept queries + the first "
         f"docs) and {args.max_queries} queries per collection; documents cut at "
         f"{settings.eval_doc_max_length} tokens for the neural systems, full text for BM25. "
-        f"Training: {settings.train['max_steps']} steps, batch {settings.train['per_device_train_batch_size']}"
+        f"Adaptation: {settings.adapt['max_steps']} steps. "
+        f"Training: {settings.train['max_steps']} steps (lr {settings.train['learning_rate']}), batch {settings.train['per_device_train_batch_size']}"
         f" x (1 positive + 1 BM25 negative), LoRA on the last {settings.train['lora_last_layers']} "
         f"blocks, {settings.model_dtype}, {os.cpu_count()} CPU cores."
     )
