@@ -333,9 +333,15 @@ def main(argv: list[str] | None = None) -> None:
         print(header)
         print("-" * len(header))
         runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+        failed: dict[str, str] = {}
         for r in range(args.rounds):
             for impl in impls if r % 2 == 0 else impls[::-1]:
-                result = spawn(__file__, _case_argv(args, impl), impl)
+                try:
+                    result = spawn(__file__, _case_argv(args, impl), impl)
+                except SystemExit as exc:  # e.g. the naive head killed for memory (exit -9)
+                    failed[impl] = str(exc).splitlines()[0].rstrip(":")
+                    print(f"{r:>5} {impl:<9} | {failed[impl]}", flush=True)
+                    continue
                 runs[impl].append(result)
                 steps = " ".join(f"{s:.1f}" for s in result["all_seconds"])
                 flag = " (RSS floor)" if result["floored"] else ""
@@ -346,6 +352,17 @@ def main(argv: list[str] | None = None) -> None:
                     f"{result['load']:>5.1f}{flag}",
                     flush=True,
                 )
+    if failed:
+        print("-" * len(header))
+        for impl, reason in failed.items():
+            hint = " (the kernel's out-of-memory kill)" if "exit -9" in reason else ""
+            print(f"{impl}: {reason}{hint}; no ratio")
+        for impl, results in runs.items():
+            if results:
+                best = min(r["seconds"] for r in results)
+                peak = max(r["peak_bytes"] for r in results)
+                print(f"{impl}: {results[0]['tokens'] / best:.1f} tok/s, peak {peak / MIB:.0f} MiB")
+        raise SystemExit(1)
     _report(args, runs, len(header))
 
 
