@@ -28,6 +28,15 @@ def data_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def adi() -> Path:
+    """The tiny ADI collection (82 docs, 35 queries) from $CSPLADE_DATA."""
+    folder = data_dir() / "adi"
+    if not (folder / "corpus.jsonl").exists():
+        pytest.fail(f"adi not found under {folder.parent} (set CSPLADE_DATA)")
+    return folder
+
+
 _CACHE: dict = {}
 
 

@@ -42,14 +42,6 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def adi():
-    folder = Path(os.environ["CSPLADE_DATA"]) / "adi"
-    if not (folder / "corpus.jsonl").exists():
-        pytest.fail(f"adi not found under {folder.parent} (set CSPLADE_DATA)")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def index(models, adi, tmp_path_factory):
     out = tmp_path_factory.mktemp("index") / "adi"
     assert cli("encode", "--model", models[0], "--corpus", adi, "--out", out, "--shard-size", 25,

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 from tiny import tiny_model, tiny_tokenizer
@@ -49,14 +47,6 @@ def backbone(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo") / "tiny-llama"
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def adi():
-    folder = Path(os.environ["CSPLADE_DATA"]) / "adi"
-    if not (folder / "corpus.jsonl").exists():
-        pytest.fail(f"adi not found under {folder.parent} (set CSPLADE_DATA)")
     return folder
 
 

@@ -7,7 +7,6 @@ tests: files, structure, metrics equal to pytrec_eval on the written runs, index
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,6 @@ def model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zs") / "tiny"
     config = SparseEncoderConfig(base_model="tiny-llama", doc_max_length=48, query_max_length=24)
     SparseEncoder(tiny_model("llama"), tiny_tokenizer(), config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def adi():
-    folder = Path(os.environ["CSPLADE_DATA"]) / "adi"
-    if not (folder / "corpus.jsonl").exists():
-        pytest.fail(f"adi not found under {folder.parent} (set CSPLADE_DATA)")
     return folder
 
 
