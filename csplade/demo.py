@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,99 @@ def _done(folder: Path) -> bool:
     return (folder / "csplade_config.json").exists()
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m"
+
+
+def adapt_stage(
+    data: str | os.PathLike,
+    backbone: str | os.PathLike,
+    out: Path,
+    settings: DemoSettings = DEMO,
+) -> float | None:
+    """The adaptation phase (`recipes/smollm2-135m/adapt-VARIANT.yaml` at `settings`' size) into `out`.
+
+    Returns its wall time in seconds, or None when `out` already holds a finished model (skipped).
+    """
+    from csplade.adaptation import run_adaptation
+    from csplade.configs import (
+        AdaptationArguments,
+        CspladeTrainingArguments,
+        ModelArguments,
+        parse_recipe,
+    )
+
+    if _done(out):
+        return None
+    started = time.time()
+    args = parse_recipe(
+        _recipe(RECIPES, f"adapt-{settings.variant}.yaml"),
+        [
+            "--model_name_or_path",
+            str(backbone),
+            "--adapt_data",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--save_steps",
+            "100000",
+            "--logging_steps",
+            "2",
+            "--variant",
+            settings.variant,
+            "--model_dtype",
+            settings.model_dtype,
+            *_as_overrides(settings.adapt),
+        ],  # fmt: skip
+        types=(ModelArguments, AdaptationArguments, CspladeTrainingArguments),
+    )
+    run_adaptation(*args)
+    return time.time() - started
+
+
+def train_stage(
+    recipe: str,
+    model: str | os.PathLike,
+    train_data: str | os.PathLike,
+    out: Path,
+    settings: DemoSettings = DEMO,
+    extra: Sequence[str] = (),
+) -> float | None:
+    """LoRA training with `recipes/smollm2-135m/RECIPE-VARIANT.yaml` at `settings`' size into `out`.
+
+    `recipe` is the recipe's stem (`train`, `distill`, …); `extra` are further overrides. Returns the
+    wall time in seconds, or None when `out` already holds a finished model (skipped).
+    """
+    from csplade.configs import parse_recipe
+    from csplade.trainer import run_training
+
+    if _done(out):
+        return None
+    started = time.time()
+    args = parse_recipe(
+        _recipe(RECIPES, f"{recipe}-{settings.variant}.yaml"),
+        [
+            "--model_name_or_path",
+            str(model),
+            "--train_data",
+            str(train_data),
+            *extra,
+            "--output_dir",
+            str(out),
+            "--save_steps",
+            "100000",
+            "--logging_steps",
+            "5",
+            "--variant",
+            settings.variant,
+            "--model_dtype",
+            settings.model_dtype,
+            *_as_overrides(settings.train),
+        ],  # fmt: skip
+    )
+    run_training(*args)
+    return time.time() - started
+
+
 def run_demo(
     out: str | os.PathLike = "runs/demo",
     full: bool = False,
@@ -122,74 +216,25 @@ def run_demo(
     test suite runs it on the tiny ADI collection with a tiny random model.
     """
     from csplade.backbones import prepare
-    from csplade.configs import (
-        AdaptationArguments,
-        CspladeTrainingArguments,
-        ModelArguments,
-        parse_recipe,
-    )
     from csplade.zeroshot import SystemSpec, evaluate
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    repo_recipes = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m"
     timings: dict[str, float] = {}
     scifact = Path(data) if data is not None else find_scifact()
     backbone = Path(backbone) if backbone is not None else prepare("smollm2-135m")
     variant = settings.variant
-    common = ["--variant", variant, "--model_dtype", settings.model_dtype]
 
     adapt_dir = out / f"adapt-{variant}"
-    if not _done(adapt_dir):
-        from csplade.adaptation import run_adaptation
-
-        started = time.time()
-        args = parse_recipe(
-            _recipe(repo_recipes, f"adapt-{variant}.yaml"),
-            [
-                "--model_name_or_path",
-                str(backbone),
-                "--adapt_data",
-                str(scifact),
-                "--output_dir",
-                str(adapt_dir),
-                "--save_steps",
-                "100000",
-                "--logging_steps",
-                "2",
-                *common,
-                *_as_overrides(settings.adapt),
-            ],  # fmt: skip
-            types=(ModelArguments, AdaptationArguments, CspladeTrainingArguments),
-        )
-        run_adaptation(*args)
-        timings["adapt_s"] = time.time() - started
+    seconds = adapt_stage(scifact, backbone, adapt_dir, settings)
+    if seconds is not None:
+        timings["adapt_s"] = seconds
     train_dir = out / f"train-{variant}"
-    if not _done(train_dir):
-        from csplade.trainer import run_training
-
-        started = time.time()
-        args = parse_recipe(
-            _recipe(repo_recipes, f"train-{variant}.yaml"),
-            [
-                "--model_name_or_path",
-                str(adapt_dir),
-                "--train_data",
-                str(scifact),
-                "--train_split",
-                train_split,
-                "--output_dir",
-                str(train_dir),
-                "--save_steps",
-                "100000",
-                "--logging_steps",
-                "5",
-                *common,
-                *_as_overrides(settings.train),
-            ],  # fmt: skip
-        )
-        run_training(*args)
-        timings["train_s"] = time.time() - started
+    seconds = train_stage(
+        "train", adapt_dir, scifact, train_dir, settings, extra=("--train_split", train_split)
+    )
+    if seconds is not None:
+        timings["train_s"] = seconds
     started = time.time()
     overrides = {"doc_max_length": settings.eval_doc_max_length}
     systems = [

@@ -25,47 +25,20 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _train(recipe: Path, overrides: list[str], out: Path) -> float:
-    from csplade.configs import parse_recipe
-    from csplade.trainer import run_training
+def _train(recipe: str, model: Path, data: Path, out: Path, settings) -> float:
+    """One training arm (`csplade.demo.train_stage`); its wall time, kept beside the model."""
+    from csplade.demo import train_stage
 
-    if (out / "csplade_config.json").exists():
-        info = out / "wall_time.json"
-        return json.loads(info.read_text())["seconds"] if info.exists() else float("nan")
-    started = time.time()
-    run_training(*parse_recipe(recipe, [*overrides, "--output_dir", str(out)]))
-    seconds = time.time() - started
-    (out / "wall_time.json").write_text(json.dumps({"seconds": seconds}))
-    return seconds
-
-
-def _adapt(variant: str, scifact: Path, backbone: Path, out: Path, settings) -> None:
-    from csplade.adaptation import run_adaptation
-    from csplade.configs import (
-        AdaptationArguments,
-        CspladeTrainingArguments,
-        ModelArguments,
-        parse_recipe,
-    )
-    from csplade.demo import _as_overrides
-
-    if (out / "csplade_config.json").exists():
-        return
-    argv = [
-        "--model_name_or_path", str(backbone), "--adapt_data", str(scifact),
-        "--output_dir", str(out), "--save_steps", "100000", "--logging_steps", "2",
-        "--variant", variant, "--model_dtype", settings.model_dtype,
-        *_as_overrides(settings.adapt),
-    ]  # fmt: skip
-    recipe = REPO / "recipes" / "smollm2-135m" / f"adapt-{variant}.yaml"
-    types = (ModelArguments, AdaptationArguments, CspladeTrainingArguments)
-    run_adaptation(*parse_recipe(recipe, argv, types=types))
+    record = out / "wall_time.json"
+    seconds = train_stage(recipe, model, data, out, settings)
+    if seconds is not None:
+        record.write_text(json.dumps({"seconds": seconds}))
+    return json.loads(record.read_text())["seconds"] if record.exists() else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from csplade.backbones import prepare
     from csplade.beir import find_dataset
-    from csplade.demo import DEMO, _as_overrides
+    from csplade.demo import DEMO, adapt_stage
     from csplade.mining import mine
     from csplade.teachers import score_groups
     from csplade.zeroshot import SystemSpec, evaluate
@@ -111,18 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
     systems, wall = [], {}
     for variant in args.variants:
+        per_variant = dataclasses.replace(settings, variant=variant)
         adapted = out / f"adapt-{variant}"
-        _adapt(variant, scifact, backbone, adapted, settings)
-        common = [
-            "--model_name_or_path", str(adapted), "--train_data", str(scored),
-            "--save_steps", "100000", "--logging_steps", "5",
-            "--variant", variant, "--model_dtype", settings.model_dtype,
-            *_as_overrides(settings.train),
-        ]  # fmt: skip
-        recipes = REPO / "recipes" / "smollm2-135m"
+        adapt_stage(scifact, backbone, adapted, per_variant)
         for arm, recipe in (("infonce", "train"), ("distill", "distill")):
             name = f"smollm2-{variant}-{arm}"
-            wall[name] = _train(recipes / f"{recipe}-{variant}.yaml", common, out / name)
+            wall[name] = _train(recipe, adapted, scored, out / name, per_variant)
             systems.append(SystemSpec(name, str(out / name)))
 
     sliced = {"max_docs": args.max_docs, "max_queries": args.max_queries, "batch_size": 16}
