@@ -26,37 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
+from _measure import MIB, PeakMemory
+
 QUICK = {"batch": 4, "length": 64, "hidden": 64, "vocab": [2048, 8192]}
 FULL = {"batch": 8, "length": 512, "hidden": 576, "vocab": [49152, 128256]}
-MIB = 1024**2
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes(reset_ok: bool) -> int:
-    if reset_ok:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def run_case(args: argparse.Namespace) -> dict:
@@ -100,19 +77,9 @@ def run_case(args: argparse.Namespace) -> dict:
     step(*tiny)
     del tiny
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(hidden, weight, mask, grad_out)
-        peak = torch.cuda.max_memory_allocated() - base
-        floored = False
-    else:
-        reset_ok = _reset_peak_rss()
-        base = _rss_bytes()
-        floored = not reset_ok and _peak_rss_bytes(False) > base + 16 * MIB
-        step(hidden, weight, mask, grad_out)
-        peak = _peak_rss_bytes(reset_ok) - base
+    memory = PeakMemory(device.type).start()
+    step(hidden, weight, mask, grad_out)
+    peak, floored = memory.peak_bytes(), memory.floored
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
