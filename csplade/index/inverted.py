@@ -119,6 +119,16 @@ def topk_stable(scores: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarra
     return scores[order], docs[order]
 
 
+def _each(fn, starts: range, threads: int) -> None:
+    """fn(start) for every start: in this thread, or over a pool of `threads` (blocks are disjoint)."""
+    if threads == 1:
+        for start in starts:
+            fn(start)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fn, starts))
+
+
 class InvertedIndex:
     """Posting lists (CSC) over a fixed vocabulary, with exact top-k search.
 
@@ -235,13 +245,7 @@ class InvertedIndex:
                 docs,
             )
 
-        starts = range(0, q.shape[0], batch)
-        if threads == 1:
-            for start in starts:
-                run_batch(start)
-        else:
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(run_batch, starts))
+        _each(run_batch, range(0, q.shape[0], batch), threads)
 
     def _search_scipy(self, q: sp.csr_matrix, k: int, threads: int, scores, docs) -> None:
         postings = sp.csr_matrix(  # (V, n_docs): row t = posting list of term t
@@ -256,13 +260,7 @@ class InvertedIndex:
                 scores[start + row, : top_s.size] = top_s
                 docs[start + row, : top_d.size] = top_d
 
-        starts = range(0, q.shape[0], _SCIPY_BLOCK)
-        if threads == 1:
-            for start in starts:
-                run_block(start)
-        else:
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(run_block, starts))
+        _each(run_block, range(0, q.shape[0], _SCIPY_BLOCK), threads)
 
     def search_ids(
         self, queries, query_ids: list[str], k: int = 10, threads: int | None = None
