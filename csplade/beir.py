@@ -211,6 +211,18 @@ def available_splits(folder: str | os.PathLike) -> list[str]:
     return sorted(p.stem for p in qrels_dir.glob("*.tsv"))
 
 
+def qrels_path(folder: str | os.PathLike, split: str) -> Path:
+    """``folder/qrels/<split>.tsv``; FileNotFoundError naming it and the splits present if missing."""
+    path = Path(folder) / "qrels" / f"{split}.tsv"
+    if not path.is_file():
+        splits = available_splits(folder)
+        raise FileNotFoundError(
+            f"qrels file for split {split!r} not found: {path} "
+            f"(splits in this folder: {', '.join(splits) if splits else 'none'})"
+        )
+    return path
+
+
 def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
     """Load a BEIR folder for one split (see the module docstring for what is dropped/kept)."""
     folder = Path(folder)
@@ -218,15 +230,9 @@ def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
         raise FileNotFoundError(f"BEIR folder not found: {folder}")
     corpus_path = folder / "corpus.jsonl"
     queries_path = folder / "queries.jsonl"
-    qrels_path = folder / "qrels" / f"{split}.tsv"
     _require_file(corpus_path, "corpus file")
     _require_file(queries_path, "queries file")
-    if not qrels_path.is_file():
-        splits = available_splits(folder)
-        raise FileNotFoundError(
-            f"qrels file for split {split!r} not found: {qrels_path} "
-            f"(splits in this folder: {', '.join(splits) if splits else 'none'})"
-        )
+    qrels_file = qrels_path(folder, split)
 
     doc_ids: list[str] = []
     doc_texts: list[str] = []
@@ -239,13 +245,13 @@ def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
             "%s: %d documents have no title and no text (kept)", corpus_path, n_empty_docs
         )
     all_queries = load_queries(queries_path)
-    qrels = load_qrels(qrels_path)
+    qrels = load_qrels(qrels_file)
 
     unknown_queries = [q for q in qrels if q not in all_queries]
     if unknown_queries:
         logger.warning(
             "%s: %d judged queries are missing from %s and are not evaluated (e.g. %r)",
-            qrels_path,
+            qrels_file,
             len(unknown_queries),
             queries_path,
             unknown_queries[:3],
@@ -267,7 +273,7 @@ def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
     if n_unknown_docs:
         logger.warning(
             "%s: %d judgments point at doc ids absent from the corpus (kept; they cap recall)",
-            qrels_path,
+            qrels_file,
             n_unknown_docs,
         )
     data = BeirData(

@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Features, List, Value
 
-from csplade.beir import available_splits, doc_text, iter_corpus, load_qrels, load_queries
+from csplade.beir import doc_text, iter_corpus, load_qrels, load_queries, qrels_path
 from csplade.index.runs import read_trec_run
 
 logger = logging.getLogger(__name__)
@@ -487,17 +487,11 @@ def read_groups_beir(
         raise FileNotFoundError(f"BEIR folder not found: {folder}")
     if negatives_depth < 1:
         raise ValueError(f"negatives_depth must be >= 1, got {negatives_depth}")
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    if not qrels_path.is_file():
-        splits = available_splits(folder)
-        raise FileNotFoundError(
-            f"qrels file for split {split!r} not found: {qrels_path} "
-            f"(splits in this folder: {', '.join(splits) if splits else 'none'})"
-        )
+    qrels_file = qrels_path(folder, split)
     corpus = read_corpus(folder / "corpus.jsonl", cache_dir=cache_dir)
     corpus_ids = corpus.data.column("_id").combine_chunks()
     queries = load_queries(folder / "queries.jsonl")
-    qrels = load_qrels(qrels_path)
+    qrels = load_qrels(qrels_file)
     stats: dict[str, Any] = {"source": str(folder), "split": split}
 
     unknown_queries = [q for q in qrels if q not in queries]
@@ -505,7 +499,7 @@ def read_groups_beir(
     if unknown_queries:
         logger.warning(
             "%s: %d judged queries are missing from queries.jsonl and are dropped (e.g. %r)",
-            qrels_path,
+            qrels_file,
             len(unknown_queries),
             unknown_queries[:3],
         )
@@ -566,7 +560,7 @@ def read_groups_beir(
         logger.warning(
             "%s: dropped %d queries without a positive (%d have no judgment > 0, %d have their "
             "positives missing from the corpus)",
-            qrels_path,
+            qrels_file,
             n_dropped,
             n_no_judged_positive,
             n_queries_not_in_corpus,
@@ -574,7 +568,7 @@ def read_groups_beir(
     if n_positives_not_in_corpus:
         logger.warning(
             "%s: %d positive judgments point at docs absent from the corpus (ignored)",
-            qrels_path,
+            qrels_file,
             n_positives_not_in_corpus,
         )
     if run is not None:

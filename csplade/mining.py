@@ -50,12 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from csplade.beir import (
-    available_splits,
     doc_text,
     find_dataset,
     load_corpus,
     load_qrels,
     load_queries,
+    qrels_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -246,16 +246,10 @@ def mine(
     # Check the arguments before any expensive step.
     mine_negatives({}, {}, depth=depth, n_negatives=n_negatives, skip_top=skip_top)
     folder = find_dataset(data)
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    if not qrels_path.is_file():
-        splits = available_splits(folder)
-        raise FileNotFoundError(
-            f"qrels file for split {split!r} not found: {qrels_path} "
-            f"(splits in this folder: {', '.join(splits) if splits else 'none'})"
-        )
+    qrels_file = qrels_path(folder, split)
     corpus = load_corpus(folder / "corpus.jsonl")
     queries = load_queries(folder / "queries.jsonl")
-    qrels = load_qrels(qrels_path)
+    qrels = load_qrels(qrels_file)
     usable = {doc_id: doc for doc_id, doc in corpus.items() if doc_text(doc)}
     targets = {
         q: queries[q]
