@@ -62,13 +62,13 @@ def summary_table(eval_dir) -> str:
     for system, per_dataset in metrics.items():
         for dataset, values in per_dataset.items():
             eff = efficiency.get(system, {}).get(dataset, {})
-
-            def number(value, fmt):
-                return format(value, fmt) if isinstance(value, (int, float)) else "-"
-
             lines.append(
                 f"| {system} | {dataset} | {values['ndcg_cut_10']:.3f} | {values['recall_100']:.3f}"
-                f" | {values['recip_rank_10']:.3f} | {number(eff.get('query_nnz'), ',.0f')}"
-                f" | {number(eff.get('doc_nnz'), ',.0f')} | {number(eff.get('query_p50_ms'), '.0f')} |"
+                f" | {values['recip_rank_10']:.3f} | {_number(eff.get('query_nnz'), ',.0f')}"
+                f" | {_number(eff.get('doc_nnz'), ',.0f')} | {_number(eff.get('query_p50_ms'), '.0f')} |"
             )
     return "\n".join(lines)
+
+
+def _number(value, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else "-"
