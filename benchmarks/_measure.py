@@ -147,7 +147,7 @@ def build_tiny_model(out: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
     from transformers.utils import logging as hf_logging
 
-    from csplade.backbones import resolve_model
+    from csplade.model.backbones import resolve_model
 
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))

@@ -4,7 +4,7 @@ What: SmolLM2-135M (uni, max pooling) encodes the first --docs SciFact documents
 at most --max-length tokens each), --batch-size at a time, two ways:
 - naive: batches in corpus order and the naive SPLADE head (fused_head=False: full (B, L, V)
   logits, log(1 + ReLU), max over L), each batch through `encoder.tokenize` and `encoder(...)`;
-- csplade: `encoder.encode_docs` with the fused head (vocab-chunked, csplade.head) and batches
+- csplade: `encoder.encode_docs` with the fused head (vocab-chunked, csplade.model.head) and batches
   sorted longest first, so less padding goes through the backbone.
 Both give a float32 CSR matrix in corpus order (the naive loop converts each batch as encode does).
 The script checks that the two give the same vectors (allclose) and prints it, with the positions
@@ -59,7 +59,7 @@ RTOL, ATOL = 1e-4, 1e-4
 
 def first_docs(dataset: str, n: int) -> list[str]:
     """The first `n` documents of a BEIR corpus, as BEIR indexes them (title + text)."""
-    from csplade.beir import doc_text, find_dataset, iter_corpus
+    from csplade.data.beir import doc_text, find_dataset, iter_corpus
 
     folder = find_dataset(dataset, data_dir())
     texts = []
@@ -104,7 +104,7 @@ def run_case(args: argparse.Namespace) -> dict:
     import scipy.sparse as sp
     import torch
 
-    from csplade.modeling import SparseEncoder
+    from csplade.model.encoder import SparseEncoder
 
     torch.set_num_threads(args.threads)
     texts = first_docs(args.dataset, args.docs)

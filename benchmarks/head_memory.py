@@ -40,7 +40,7 @@ def run_case(args: argparse.Namespace) -> dict:
     """One implementation at one vocab size, in this process. Returns the measured figures."""
     import torch
 
-    from csplade.head import default_chunk_size, sparse_pool
+    from csplade.model.head import default_chunk_size, sparse_pool
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -5,7 +5,7 @@ Usage:
     python benchmarks/plan_validation.py --cases tiny-full,tiny-lora
     python benchmarks/plan_validation.py --json               # one JSON object per case
 
-Each case trains a sparse encoder for a few steps with `csplade.trainer.run_training` (the real Trainer,
+Each case trains a sparse encoder for a few steps with `csplade.training.contrastive.run_training` (the real Trainer,
 data collator and losses) on a small JSONL of training groups written to a temporary folder, in a fresh
 subprocess, and compares the peak memory it used with `csplade.plan.estimate(..., device="cpu")` for the
 same settings.
@@ -22,7 +22,7 @@ is 0 in "cpu" mode). Without /proc/self/clear_refs the case fails rather than re
 includes the loading spike.
 
 Cases: a tiny Llama (hidden 256, 4 layers, 8 heads / 4 kv, vocab 8,192, random weights) and SmolLM2-135M
-(`csplade.backbones.prepare("smollm2-135m")`), full fine-tuning and LoRA, float32. Sequences are padded to
+(`csplade.model.backbones.prepare("smollm2-135m")`), full fine-tuning and LoRA, float32. Sequences are padded to
 the recipe's max lengths (every text is longer), as the planner assumes. The pass mark is |ratio - 1| <=
 0.25 (ratio = predicted / measured).
 """
@@ -125,7 +125,7 @@ def backbone_folder(name: str, workdir: Path) -> Path:
         if not (folder / "config.json").exists():
             build_tiny_backbone(folder)
         return folder
-    from csplade.backbones import prepare
+    from csplade.model.backbones import prepare
 
     return prepare(name)
 
@@ -183,7 +183,7 @@ def _reset_peak() -> None:
 
 
 def _model_args(settings: dict, folder: Path):
-    from csplade.configs import ModelArguments
+    from csplade.training.arguments import ModelArguments
 
     return ModelArguments(
         model_name_or_path=str(folder),
@@ -205,8 +205,13 @@ def measure(settings: dict, folder: Path, data: Path, out: Path) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from csplade import lora, trainer
-    from csplade.configs import CspladeTrainingArguments, DataArguments, SparsityArguments
+    from csplade.training import contrastive as trainer
+    from csplade.training import loading as lora
+    from csplade.training.arguments import (
+        CspladeTrainingArguments,
+        DataArguments,
+        SparsityArguments,
+    )
 
     model_args = _model_args(settings, folder)
     data_args = DataArguments(train_data=str(data), group_size=settings["group_size"])

@@ -7,8 +7,8 @@ of --queries SciFact train queries, each with its first judged document as posit
 --query-length tokens, documents at most --doc-length (real texts: SciFact claims are ~20 tokens,
 so queries stay below 32; two thirds of the documents reach 256). One step = encode queries and
 documents (one `encoder(query=, doc=)` call), loss = InfoNCE with in-batch negatives + 1e-3 * FLOPS
-on each side (csplade.losses), backward, AdamW step. Two heads, everything else the same:
-`fused_head=True` (csplade.head's vocab-chunked head) and `fused_head=False` (full (B, L, V)
+on each side (csplade.training.losses), backward, AdamW step. Two heads, everything else the same:
+`fused_head=True` (csplade.model.head's vocab-chunked head) and `fused_head=False` (full (B, L, V)
 logits, activation, max over L, autograd keeps its tensors). With --breakdown a third case runs the
 backbone alone (a loss on its hidden states, no head) to show how much of each peak is the
 backbone's activations and how much the head's.
@@ -69,7 +69,7 @@ def training_batch(
     dataset: str, n_queries: int, n_negatives: int, seed: int
 ) -> tuple[list[str], list[str]]:
     """Queries and their groups (positive, then random negatives) from the BEIR train split."""
-    from csplade.beir import find_dataset, load_beir
+    from csplade.data.beir import find_dataset, load_beir
 
     data = load_beir(find_dataset(dataset, data_dir()), split="train")
     text_of = dict(zip(data.doc_ids, data.doc_texts, strict=True))
@@ -117,9 +117,9 @@ def run_case(args: argparse.Namespace) -> dict:
     """One head (or the backbone alone), in this process: setup, warm-up step, timed steps."""
     import torch
 
-    from csplade import losses
-    from csplade.configs import ModelArguments
-    from csplade.lora import load_encoder_for_training
+    from csplade.training import losses
+    from csplade.training.arguments import ModelArguments
+    from csplade.training.loading import load_encoder_for_training
 
     torch.set_num_threads(args.threads)
     queries, docs = training_batch(args.dataset, args.queries, args.negatives, args.seed)

@@ -12,7 +12,7 @@ __all__ = ["SparseEncoder", "SparseEncoderConfig", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in ("SparseEncoder", "SparseEncoderConfig"):
-        from csplade import modeling
+        from csplade.model import encoder
 
-        return getattr(modeling, name)
+        return getattr(encoder, name)
     raise AttributeError(f"module 'csplade' has no attribute {name!r}")

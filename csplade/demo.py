@@ -83,8 +83,8 @@ def _as_overrides(values: dict[str, Any]) -> list[str]:
 
 def find_scifact(data_dir: str | None = None) -> Path:
     """SciFact from $CSPLADE_DATA (or `data_dir`); else downloaded once into the cache when online."""
-    from csplade.backbones import cache_dir
-    from csplade.beir import DATA_ENV, download_beir, find_dataset
+    from csplade.data.beir import DATA_ENV, download_beir, find_dataset
+    from csplade.model.backbones import cache_dir
 
     try:
         return find_dataset("scifact", data_dir=data_dir)
@@ -120,8 +120,8 @@ def adapt_stage(
 
     Returns its wall time in seconds, or None when `out` already holds a finished model (skipped).
     """
-    from csplade.adaptation import run_adaptation
-    from csplade.configs import (
+    from csplade.training.adaptation import run_adaptation
+    from csplade.training.arguments import (
         AdaptationArguments,
         CspladeTrainingArguments,
         ModelArguments,
@@ -169,8 +169,8 @@ def train_stage(
     `recipe` is the recipe's stem (`train`, `distill`, …); `extra` are further overrides. Returns the
     wall time in seconds, or None when `out` already holds a finished model (skipped).
     """
-    from csplade.configs import parse_recipe
-    from csplade.trainer import run_training
+    from csplade.training.arguments import parse_recipe
+    from csplade.training.contrastive import run_training
 
     if _done(out):
         return None
@@ -215,8 +215,8 @@ def run_demo(
     default the prepared SmolLM2-135M) let the same pipeline run on other collections and models: the
     test suite runs it on the tiny ADI collection with a tiny random model.
     """
-    from csplade.backbones import prepare
-    from csplade.zeroshot import SystemSpec, evaluate
+    from csplade.evaluation.beir_eval import SystemSpec, evaluate
+    from csplade.model.backbones import prepare
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

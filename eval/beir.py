@@ -4,7 +4,7 @@
     python eval/beir.py --model a=runs/a --model b=runs/b --datasets scifact --max-docs 2000
 
 The data sets are looked up under $CSPLADE_DATA (default: `<repo>/../shared/data`), results go to
-`runs/beir/` (metrics.json, table.md, nDCG@10 chart, runs, cached indexes; see csplade.zeroshot).
+`runs/beir/` (metrics.json, table.md, nDCG@10 chart, runs, cached indexes; see csplade.evaluation.beir_eval).
 Every option this script does not know (--k, --max-docs, --max-queries, --device, --backend, …) is
 passed on to `csplade eval` unchanged. The BM25 row is added unless --no-bm25.
 """

@@ -3,14 +3,14 @@ and splade-tiny, in domain (SciFact test) and zero-shot (Cranfield): the table o
 
 Pipeline (every stage cached under --out, so an interrupted run resumes):
 
-1. groups: BM25 hard negatives for SciFact's train split (`csplade.mining.mine`, judged positives
+1. groups: BM25 hard negatives for SciFact's train split (`csplade.data.mining.mine`, judged positives
    excluded), scored by an ensemble of a dense and a sparse teacher (all-MiniLM-L6-v2 + splade-tiny,
-   per-query z-scores summed; `csplade.teachers.score_groups`);
+   per-query z-scores summed; `csplade.data.teachers.score_groups`);
 2. per variant: the adaptation phase (`recipes/smollm2-135m/adapt-VARIANT.yaml`), then two LoRA
    trainings from it on the same groups, `train-VARIANT.yaml` (InfoNCE + FLOPS) and
    `distill-VARIANT.yaml` (the same + KL to the ensemble), at the demo's CPU size
    (`csplade.demo.DEMO`, with group size 2: one BM25 negative per query) and wall time recorded;
-3. `csplade.zeroshot.evaluate` on a stated slice of each collection (an LLM forward pass on 2 CPU cores
+3. `csplade.evaluation.beir_eval.evaluate` on a stated slice of each collection (an LLM forward pass on 2 CPU cores
    encodes a few documents a second): LLM systems in bfloat16, the references (BM25 on the same slice,
    splade-tiny in float32) in a second folder; one combined table is printed and written.
 
@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import dataclasses
 
-    from csplade.backbones import prepare
-    from csplade.beir import find_dataset
+    from csplade.data.beir import find_dataset
+    from csplade.data.mining import mine
+    from csplade.data.teachers import score_groups
     from csplade.demo import DEMO, adapt_stage
-    from csplade.mining import mine
-    from csplade.teachers import score_groups
-    from csplade.zeroshot import SystemSpec, evaluate
+    from csplade.evaluation.beir_eval import SystemSpec, evaluate
+    from csplade.model.backbones import prepare
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ def tiny_encoder_factory():
     """`make(arch='llama', **settings)` -> a SparseEncoder over a tiny random backbone (a fresh copy)."""
     from tiny import tiny_model, tiny_tokenizer
 
-    from csplade.modeling import SparseEncoder, SparseEncoderConfig
+    from csplade.model.encoder import SparseEncoder, SparseEncoderConfig
 
     def make(arch: str = "llama", attn_implementation: str = "eager", **settings):
         backbone = _once(
@@ -69,6 +69,6 @@ def tiny_encoder_factory():
 @pytest.fixture
 def prepared():
     """`prepared(name)` -> folder of a packaged model (built into the cache on first use)."""
-    from csplade.backbones import prepare
+    from csplade.model.backbones import prepare
 
     return prepare

@@ -19,7 +19,8 @@ from datasets import Dataset
 from tiny import tiny_model, tiny_tokenizer, tiny_words
 from transformers import TrainerCallback
 
-from csplade.adaptation import (
+from csplade.model.encoder import SparseEncoder, SparseEncoderConfig
+from csplade.training.adaptation import (
     IGNORE_INDEX,
     AdaptationCollator,
     AdaptationTrainer,
@@ -36,8 +37,7 @@ from csplade.adaptation import (
     run_adaptation,
     token_logits,
 )
-from csplade.configs import AdaptationArguments, CspladeTrainingArguments, ModelArguments
-from csplade.modeling import SparseEncoder, SparseEncoderConfig
+from csplade.training.arguments import AdaptationArguments, CspladeTrainingArguments, ModelArguments
 
 # --- helpers --------------------------------------------------------------------------------------
 
@@ -358,7 +358,7 @@ def test_mntp_under_bi_lowers_its_loss(tmp_path):
 
 
 def test_lora_adaptation_moves_the_adapter_only(tmp_path):
-    from csplade.lora import apply_lora
+    from csplade.training.loading import apply_lora
 
     encoder = make_encoder()
     apply_lora(encoder, ModelArguments(use_lora=True, lora_r=4, lora_dropout=0.0))
@@ -392,7 +392,7 @@ class _PoisonAfter(TrainerCallback):
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
-    from csplade.trainer import NonFiniteLossError
+    from csplade.training.contrastive import NonFiniteLossError
 
     encoder = make_encoder()
     trainer = AdaptationTrainer(
@@ -444,7 +444,7 @@ def _state(folder) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("merge", [True, False])
 def test_run_adaptation_lora_saves_a_loadable_encoder(corpus_and_backbone, tmp_path, merge):
-    from csplade.lora import load_encoder_for_training
+    from csplade.training.loading import load_encoder_for_training
 
     corpus, backbone = corpus_and_backbone
     out = tmp_path / "adapted"

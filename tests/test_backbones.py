@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from csplade import backbones
-from csplade.backbones import PACKAGED_MODELS, prepare, resolve_model
+from csplade.model import backbones
+from csplade.model.backbones import PACKAGED_MODELS, prepare, resolve_model
 
 
 def test_missing_package_says_which_pip_install(monkeypatch, tmp_path):
@@ -67,7 +67,7 @@ def test_cli_prepare_prints_the_folder(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_gemma3_270m_from_its_chunked_packages():
     """The four GGUF chunks assemble into a plain, saveable Gemma-3 that encodes a query."""
-    from csplade.modeling import SparseEncoder
+    from csplade.model.encoder import SparseEncoder
 
     folder = prepare("gemma3-270m")  # the shared cache: built once per machine
     config = json.loads((folder / "config.json").read_text())

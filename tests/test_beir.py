@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from csplade.beir import (
+from csplade.data.beir import (
     BEIR_URL,
     available_splits,
     doc_text,
@@ -74,7 +74,7 @@ def make_folder(root: Path, name: str = "toy") -> Path:
 
 def test_load_beir_keeps_file_order_and_counts_what_it_drops(tmp_path, caplog):
     folder = make_folder(tmp_path)
-    with caplog.at_level(logging.INFO, logger="csplade.beir"):
+    with caplog.at_level(logging.INFO, logger="csplade.data.beir"):
         data = load_beir(folder)
     assert data.name == "toy" and data.split == "test"
     assert data.doc_ids == ["d2", "d1", "3", "d4"]
@@ -236,7 +236,7 @@ def test_conflicting_qrels_rows(tmp_path):
 
 def test_repeated_identical_qrels_row_is_logged(tmp_path, caplog):
     path = write_qrels(tmp_path / "test.tsv", [("q", "d", 1), ("q", "d", 1)])
-    with caplog.at_level(logging.WARNING, logger="csplade.beir"):
+    with caplog.at_level(logging.WARNING, logger="csplade.data.beir"):
         assert load_qrels(path) == {"q": {"d": 1}}
     assert "1 repeated" in caplog.text
 

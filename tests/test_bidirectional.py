@@ -1,4 +1,4 @@
-"""Tests for csplade.bidirectional: the `bi` switch on tiny random backbones of every allowed architecture.
+"""Tests for csplade.model.bidirectional: the `bi` switch on tiny random backbones of every allowed architecture.
 
 What is checked, per architecture and attention implementation: later tokens reach earlier positions under
 `bi` and never under the untouched model; padded keys (right or left) never reach real tokens; the
@@ -24,7 +24,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, masking_utils
 from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
 
-from csplade.bidirectional import SUPPORTED_ARCHITECTURES, is_bidirectional, make_bidirectional
+from csplade.model.bidirectional import (
+    SUPPORTED_ARCHITECTURES,
+    is_bidirectional,
+    make_bidirectional,
+)
 
 try:
     import torch.nn.attention.flex_attention as flex_module

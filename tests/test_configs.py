@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from csplade.configs import (
+from csplade.training.arguments import (
     AdaptationArguments,
     CspladeTrainingArguments,
     DataArguments,

@@ -13,8 +13,8 @@ import pytest
 import pytrec_eval
 import scipy.sparse as sp
 
-from csplade.beir import load_beir
-from csplade.evaluation import (
+from csplade.data.beir import load_beir
+from csplade.evaluation.metrics import (
     DEFAULT_METRICS,
     bar_chart,
     bm25_search,

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from csplade.head import (
+from csplade.model.head import (
     _MaskedMaxLogits,
     _MaskedSumActivated,
     fused_max_pool,

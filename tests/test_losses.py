@@ -1,4 +1,4 @@
-"""csplade.losses on tiny tensors: every expected value is worked out here by plain arithmetic."""
+"""csplade.training.losses on tiny tensors: every expected value is worked out here by plain arithmetic."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from csplade import losses
+from csplade.training import losses
 
 
 def _dot(a: list[float], b: list[float]) -> float:

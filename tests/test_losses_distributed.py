@@ -1,4 +1,4 @@
-"""csplade.losses under torch.distributed: 2 gloo processes vs one process on the full batch.
+"""csplade.training.losses under torch.distributed: 2 gloo processes vs one process on the full batch.
 
 Each worker holds part of a fixed random batch, encodes it with the same tiny linear "encoder"
 (``relu(Linear(x))``, so there is a parameter gradient), computes the loss, calls backward and then
@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from csplade import losses
+from csplade.training import losses
 
 pytestmark = pytest.mark.distributed
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from csplade.beir import doc_text, load_qrels
-from csplade.data import read_groups_jsonl
-from csplade.evaluation import bm25_search
-from csplade.mining import mine, mine_negatives, ranked
+from csplade.data.beir import doc_text, load_qrels
+from csplade.data.groups import read_groups_jsonl
+from csplade.data.mining import mine, mine_negatives, ranked
+from csplade.evaluation.metrics import bm25_search
 
 DOCS = {
     "d1": ("Fruit", "apple banana cherry"),

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from csplade.configs import ModelArguments
 from csplade.plan import (
     KNOWN_ARCHITECTURES,
     Architecture,
@@ -31,6 +30,7 @@ from csplade.plan import (
     read_workload,
     resolve_architecture,
 )
+from csplade.training.arguments import ModelArguments
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"

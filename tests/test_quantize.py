@@ -16,9 +16,9 @@ import torch
 from conftest import data_dir
 from tiny import random_texts, tiny_model, tiny_tokenizer
 
-from csplade import quantize
-from csplade.modeling import SparseEncoder
-from csplade.quantize import (
+from csplade.model.encoder import SparseEncoder
+from csplade.quantization import modes as quantize
+from csplade.quantization.modes import (
     MODES,
     ROW_KEYS,
     QuantizedLMHead,
@@ -262,7 +262,7 @@ def test_saving_an_inexact_quantized_head_is_refused(llama_dir, tmp_path, mode):
 
 
 def test_slice_keeps_the_judged_docs_of_the_kept_queries():
-    from csplade.beir import load_beir
+    from csplade.data.beir import load_beir
 
     data = load_beir(data_dir() / "adi")
     part = slice_dataset(data, max_docs=20, max_queries=3)

@@ -16,10 +16,15 @@ import torch
 from safetensors.torch import load_file
 from synthetic import pairs, save_base, write_groups
 
-from csplade.configs import parse_recipe
-from csplade.losses import quadratic_warmup
-from csplade.modeling import SparseEncoder
-from csplade.trainer import COMPLETE_MARKER, NonFiniteLossError, SparseTrainer, run_training
+from csplade.model.encoder import SparseEncoder
+from csplade.training.arguments import parse_recipe
+from csplade.training.contrastive import (
+    COMPLETE_MARKER,
+    NonFiniteLossError,
+    SparseTrainer,
+    run_training,
+)
+from csplade.training.losses import quadratic_warmup
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import load_file
 from synthetic import save_base, write_groups
 
-from csplade import losses
-from csplade.configs import DataArguments
-from csplade.data import GroupCollator, load_training_groups
-from csplade.modeling import SparseEncoder
+from csplade.data.groups import GroupCollator, load_training_groups
+from csplade.model.encoder import SparseEncoder
+from csplade.training import losses
+from csplade.training.arguments import DataArguments
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]

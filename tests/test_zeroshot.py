@@ -1,4 +1,4 @@
-"""Zero-shot evaluation (`csplade.zeroshot.evaluate`) on the tiny `adi` set: a tiny random model + BM25.
+"""Zero-shot evaluation (`csplade.evaluation.beir_eval.evaluate`) on the tiny `adi` set: a tiny random model + BM25.
 
 The tiny tokenizer knows only pseudo-words (adi's English is mostly <unk>), so these are plumbing
 tests: files, structure, metrics equal to pytrec_eval on the written runs, index reuse, slices.
@@ -13,11 +13,11 @@ import pytest
 import pytrec_eval
 from tiny import tiny_model, tiny_tokenizer
 
-from csplade.beir import load_beir
-from csplade.evaluation import DEFAULT_METRICS
+from csplade.data.beir import load_beir
+from csplade.evaluation.beir_eval import SystemSpec, evaluate, slice_data
+from csplade.evaluation.metrics import DEFAULT_METRICS
 from csplade.index import read_trec_run
-from csplade.modeling import SparseEncoder, SparseEncoderConfig
-from csplade.zeroshot import SystemSpec, evaluate, slice_data
+from csplade.model.encoder import SparseEncoder, SparseEncoderConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ _VERB_MODULES = (
     "index",
     "evaluate",
     "training",
-    "distill",
+    "data",
     "quant",
     "plan",
     "demo",

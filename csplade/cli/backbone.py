@@ -21,14 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from csplade.backbones import prepare
+    from csplade.model.backbones import prepare
 
     print(prepare(args.name, out=args.out, overwrite=args.overwrite))
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from csplade.backbones import PACKAGED_MODELS, cache_dir
+    from csplade.model.backbones import PACKAGED_MODELS, cache_dir
 
     for name, spec in PACKAGED_MODELS.items():
         ready = (cache_dir() / "backbones" / name / "config.json").exists()

@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from csplade.zeroshot import SystemSpec, evaluate
+    from csplade.evaluation.beir_eval import SystemSpec, evaluate
 
     systems = [SystemSpec.parse(m) for m in args.model]
     systems += [SystemSpec.parse(b) for b in args.baseline]

@@ -20,7 +20,7 @@ by another model than the documents would give a meaningless run, so this is an 
 Queries (`--queries`): a BEIR `queries.jsonl` (or a BEIR folder), or any other file as TSV lines
 `query-id<TAB>text` (MS MARCO style, no header).
 
-`mine` is a thin wrapper over :func:`csplade.mining.mine` (hard negatives for training).
+`mine` is a thin wrapper over :func:`csplade.data.mining.mine` (hard negatives for training).
 
 Printing happens here; the library logs.
 """
@@ -172,7 +172,7 @@ def _register_mine(sub) -> None:
         "mine",
         help="mine hard negatives (BM25, a csplade model, or a run) into training groups JSONL",
         description="Training groups for a BEIR split: judged positives, and negatives from the "
-        "top of a retrieval run with every judged positive excluded (see csplade.mining).",
+        "top of a retrieval run with every judged positive excluded (see csplade.data.mining).",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="`bm25`, or a csplade model (folder or packaged name)")
@@ -206,7 +206,7 @@ def read_queries(path: str | os.PathLike) -> dict[str, str]:
     TSV: one `query-id<TAB>text` per line, no header; blank lines are skipped. A line without a tab,
     with an empty id or an empty text, or a repeated id raises ValueError naming `file:line`.
     """
-    from csplade.beir import load_queries
+    from csplade.data.beir import load_queries
 
     path = Path(path)
     if path.is_dir():
@@ -269,7 +269,7 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _load_encoder(model: str, device: str | None, dtype: str | None):
-    from csplade.modeling import SparseEncoder
+    from csplade.model.encoder import SparseEncoder
 
     return SparseEncoder.from_pretrained(model, device=device, dtype=dtype)
 
@@ -318,7 +318,7 @@ def _partial_state(device: str | None):
     """accelerate's process state: rank, world size, barrier and this process's device."""
     from accelerate import PartialState
 
-    from csplade.configs import _has_accelerator
+    from csplade.training.arguments import _has_accelerator
 
     # Several processes on a machine without GPUs: join them over gloo (see CspladeTrainingArguments).
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator()
@@ -334,7 +334,7 @@ def _dir_mb(folder: Path) -> float:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from csplade.beir import doc_text, iter_corpus
+    from csplade.data.beir import doc_text, iter_corpus
     from csplade.index import encode_corpus
     from csplade.index.storage import fingerprint_ids
 
@@ -496,7 +496,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _mine(args: argparse.Namespace) -> int:
-    from csplade.mining import mine
+    from csplade.data.mining import mine
 
     stats = mine(
         args.data,

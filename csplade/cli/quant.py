@@ -4,7 +4,7 @@
         --modes none,int8,nf4,fp4,torchao-int8-dyn --quantize-head --out runs/quant
 
 Writes OUT/sweep.json (one row per mode and data set), OUT/sweep.md and two Pareto plots; a rerun
-skips the rows already in sweep.json. See :mod:`csplade.quantize` for the modes and what each
+skips the rows already in sweep.json. See :mod:`csplade.quantization.modes` for the modes and what each
 measurement means.
 """
 
@@ -22,7 +22,7 @@ def _positive(text: str) -> int:
 
 
 def _modes(text: str) -> list[str]:
-    from csplade.quantize import check_mode
+    from csplade.quantization.modes import check_mode
 
     modes = [m.strip() for m in text.split(",") if m.strip()]
     try:
@@ -81,7 +81,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from csplade.quantize import SWEEP_TABLE, SweepSettings, quiet_int8_cast_notice, run_sweep
+    from csplade.quantization.modes import (
+        SWEEP_TABLE,
+        SweepSettings,
+        quiet_int8_cast_notice,
+        run_sweep,
+    )
 
     quiet_int8_cast_notice()
     overrides = {}

@@ -1,6 +1,6 @@
 """`csplade adapt RECIPE`, `csplade train RECIPE`, `csplade merge ADAPTER --out DIR`.
 
-`adapt` and `train` read a recipe YAML whose keys are the dataclass field names of csplade.configs (and
+`adapt` and `train` read a recipe YAML whose keys are the dataclass field names of csplade.training.arguments (and
 transformers.TrainingArguments); any `--key value` after the recipe overrides it. Both run under
 `accelerate launch` unchanged (`accelerate launch --config_file accelerate_configs/zero3.yaml -m csplade
 train RECIPE`).
@@ -42,8 +42,8 @@ def split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from csplade.configs import parse_recipe
-    from csplade.trainer import run_training
+    from csplade.training.arguments import parse_recipe
+    from csplade.training.contrastive import run_training
 
     model_args, sparsity_args, data_args, training_args = parse_recipe(
         *split_recipe(args.overrides)
@@ -55,8 +55,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from csplade.adaptation import run_adaptation
-    from csplade.configs import (
+    from csplade.training.adaptation import run_adaptation
+    from csplade.training.arguments import (
         AdaptationArguments,
         CspladeTrainingArguments,
         ModelArguments,
@@ -74,7 +74,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from csplade.trainer import merge_adapter
+    from csplade.training.contrastive import merge_adapter
 
     print(merge_adapter(args.adapter, args.out))
     return 0

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from csplade.teachers import score_groups
+    from csplade.data.teachers import score_groups
 
     teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
     weights = None

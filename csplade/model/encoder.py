@@ -6,11 +6,11 @@
 SPLADE v2 (arXiv 2109.10086) defines the activation and max pooling; CSPLADE (arXiv 2504.10816) applies it to
 causal LLMs, whose token at position i sees only tokens ≤ i, and adds two remedies:
 
-- ``bi``: the causal mask is swapped for a bidirectional one (:mod:`csplade.bidirectional`);
+- ``bi``: the causal mask is swapped for a bidirectional one (:mod:`csplade.model.bidirectional`);
 - ``echo``: the text is fed twice and only the second copy is pooled, so every pooled token has seen the whole
   text through the first copy (Springer et al., "Repetition improves language model embeddings").
 
-The head is computed by :func:`csplade.head.sparse_pool`, chunked over the vocabulary so the (B, L, V) logits
+The head is computed by :func:`csplade.model.head.sparse_pool`, chunked over the vocabulary so the (B, L, V) logits
 are never materialised (the memory wall at LLM scale: Llama-3's 128,256-term vocabulary).
 
 Tokenization is done here, not by the tokenizer's own truncation, so that the pooling mask is exact:
@@ -51,8 +51,8 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from csplade.backbones import resolve_model
-from csplade.head import sparse_pool
+from csplade.model.backbones import resolve_model
+from csplade.model.head import sparse_pool
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,9 @@ class SparseEncoderConfig:
     doc_prefix: str = ""
     doc_only: bool = False  # inference-free: queries are weighted token ids, no forward pass
     pool_special_tokens: bool | None = None  # None: True for MLM backbones, False for causal ones
-    fused_head: bool = True  # the chunked head of csplade.head (False: the naive (B, L, V) head)
+    fused_head: bool = (
+        True  # the chunked head of csplade.model.head (False: the naive (B, L, V) head)
+    )
     head_chunk_size: int | None = None  # vocab chunk of the fused head (None: its default)
     backbone_kind: str | None = None  # causal | mlm (None: detected from the backbone's config)
     adapter: bool = (
@@ -219,7 +221,7 @@ class _HeadReached(Exception):
 class SparseEncoder(nn.Module):
     """A SPLADE encoder over a Hugging Face causal-LM or masked-LM backbone."""
 
-    # The loss is computed by the trainer (csplade.trainer), never inside forward: tells the HF Trainer to
+    # The loss is computed by the trainer (csplade.training.contrastive), never inside forward: tells the HF Trainer to
     # scale it for gradient accumulation itself.
     accepts_loss_kwargs = False
 
@@ -270,7 +272,7 @@ class SparseEncoder(nn.Module):
         else:
             self.register_parameter("head_bias", None)
         if config.variant == "bi":
-            from csplade.bidirectional import make_bidirectional
+            from csplade.model.bidirectional import make_bidirectional
 
             make_bidirectional(backbone)
         self._fingerprint: str | None = None
@@ -495,7 +497,7 @@ class SparseEncoder(nn.Module):
 
     def _module_head(self, hidden, out_emb, pool_mask, softcap) -> torch.Tensor:
         """Head for output embeddings that are not a plain linear map (e.g. a quantized LM head)."""
-        from csplade.head import splade_activation
+        from csplade.model.head import splade_activation
 
         def logits_of(h):
             logits = out_emb(h).float()
@@ -853,7 +855,7 @@ class SparseEncoder(nn.Module):
 
         `overrides` are :class:`SparseEncoderConfig` fields (variant, pooling, max lengths, prefixes, …).
         `quantization` (none | bf16 | fp16 | int8 | nf4 | fp4 | torchao-int8-wo | torchao-int8-dyn | gptq)
-        and `quantize_head`: see :mod:`csplade.quantize`.
+        and `quantize_head`: see :mod:`csplade.quantization.modes`.
         """
         path = resolve_model(name_or_path)
         config_file = path / CONFIG_NAME
@@ -864,7 +866,7 @@ class SparseEncoder(nn.Module):
         if attn_implementation is not None:
             load_kwargs["attn_implementation"] = attn_implementation
         load_kwargs["trust_remote_code"] = trust_remote_code
-        from csplade import quantize
+        from csplade.quantization import modes as quantize
 
         quantization, quantize_head = quantize.resolve_request(path, quantization, quantize_head)
         load_kwargs = quantize.backbone_load_kwargs(

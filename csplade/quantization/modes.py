@@ -1,4 +1,4 @@
-"""Quantized inference for :class:`~csplade.modeling.SparseEncoder`, and the quantization sweep.
+"""Quantized inference for :class:`~csplade.model.encoder.SparseEncoder`, and the quantization sweep.
 
 What: ``SparseEncoder.from_pretrained(..., quantization=MODE, quantize_head=False)`` loads the
 backbone in one of these modes (``from_pretrained`` calls :func:`resolve_request`,
@@ -23,7 +23,7 @@ quantized backbone saves and reloads through transformers' own serialization.
 
 The LM head (``quantize_head``). By default only the transformer blocks are quantized: transformers
 keeps the output embeddings (and the input embeddings tied to them) in float, so csplade's fused
-head (:mod:`csplade.head`) still projects and pools without materialising (B, L, V) logits, in
+head (:mod:`csplade.model.head`) still projects and pools without materialising (B, L, V) logits, in
 training and inference. The price is memory: the head is a (V, H) matrix; at float32
 
 - SmolLM2-135M, V=49,152, H=576: 113 MB, 21% of the model (int8: 28 MB, 4-bit: 15 MB);
@@ -62,7 +62,7 @@ Known limits: on CPU the integer modes trade speed for memory: bnb int8 casts ac
 and decomposes outliers, bnb 4-bit and torchao weight-only dequantize weights at every matmul
 (measured in the sweep); ``gptq`` is untested here (its packages are not installed) and quantizing
 needs calibration text (default: transformers' "c4" loader, i.e. network access); quantized encoders
-are for inference (QLoRA training goes through :mod:`csplade.lora`).
+are for inference (QLoRA training goes through :mod:`csplade.training.loading`).
 """
 
 from __future__ import annotations
@@ -105,7 +105,9 @@ EXTRA_KEY = "quantization"  # key of SparseEncoderConfig.extra that records the 
 # block scales.
 EXACT_HEAD_RELOAD = ("int8",)
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold (transformers' default)
-_CSPLADE_CONFIG = "csplade_config.json"  # = csplade.modeling.CONFIG_NAME (not imported: no cycle)
+_CSPLADE_CONFIG = (
+    "csplade_config.json"  # = csplade.model.encoder.CONFIG_NAME (not imported: no cycle)
+)
 
 
 # ---------------------------------------------------------------------------------------- modes
@@ -890,10 +892,10 @@ def measure_row(settings: SweepSettings, mode: str, dataset: str) -> dict[str, A
     import scipy.sparse as sp
     from tqdm.auto import tqdm
 
-    from csplade.beir import find_dataset, load_beir
-    from csplade.evaluation import evaluate_run, latency_percentiles, sparsity_stats
+    from csplade.data.beir import find_dataset, load_beir
+    from csplade.evaluation.metrics import evaluate_run, latency_percentiles, sparsity_stats
     from csplade.index.inverted import InvertedIndex
-    from csplade.modeling import SparseEncoder
+    from csplade.model.encoder import SparseEncoder
 
     if settings.threads:
         torch.set_num_threads(settings.threads)

@@ -3,7 +3,7 @@
 For each data set and each system: encode the corpus into resumable shards (reused when the encoder,
 its settings and the corpus are the same; :mod:`csplade.index.shards`), encode the judged queries of the
 split, search with the exact inverted index (:class:`csplade.index.InvertedIndex`), write a TREC run and
-score it with pytrec_eval (:mod:`csplade.evaluation`). Efficiency is measured alongside: mean non-zeros of
+score it with pytrec_eval (:mod:`csplade.evaluation.metrics`). Efficiency is measured alongside: mean non-zeros of
 query and document vectors, FLOPS (expected multiplications per query-document pair), index size, and the
 end-to-end latency of one query (encode + search) at p50/p95 over up to `latency_queries` queries, one at
 a time. Results go to `OUT/metrics.json` (``{system: {dataset: {metric: value}}}``), `OUT/table.md`, a
@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from csplade.beir import BeirData, find_dataset, load_beir
-from csplade.evaluation import (
+from csplade.data.beir import BeirData, find_dataset, load_beir
+from csplade.evaluation.metrics import (
     DEFAULT_METRICS,
     bm25_search,
     evaluate_run,
@@ -203,7 +203,7 @@ def evaluate(
     dtype: str | None = None,
 ) -> dict[str, Path]:
     """Evaluate every system on every data set; write runs, metrics.json, table.md and a chart."""
-    from csplade.modeling import SparseEncoder
+    from csplade.model.encoder import SparseEncoder
 
     if not systems:
         raise ValueError("nothing to evaluate: give at least one model or --baseline bm25")

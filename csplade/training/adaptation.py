@@ -83,8 +83,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer
 
-from csplade.configs import AdaptationArguments, ModelArguments
-from csplade.modeling import SparseEncoder
+from csplade.model.encoder import SparseEncoder
+from csplade.training.arguments import AdaptationArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -536,7 +536,7 @@ class AdaptationTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model, trial) -> None:
-        from csplade.trainer import COMPLETE_MARKER
+        from csplade.training.contrastive import COMPLETE_MARKER
 
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()
@@ -545,14 +545,14 @@ class AdaptationTrainer(Trainer):
             (folder / COMPLETE_MARKER).write_text(str(self.state.global_step))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from csplade.trainer import load_checkpoint_weights
+        from csplade.training.contrastive import load_checkpoint_weights
 
         load_checkpoint_weights(self.encoder, Path(resume_from_checkpoint))
 
 
 def _non_finite_error(message: str) -> Exception:
     """The contrastive trainer's NonFiniteLossError, so callers catch one type for both phases."""
-    from csplade.trainer import NonFiniteLossError
+    from csplade.training.contrastive import NonFiniteLossError
 
     return NonFiniteLossError(message)
 
@@ -598,12 +598,12 @@ def run_adaptation(
     """
     from transformers import set_seed
 
-    from csplade.data import read_texts
-    from csplade.lora import load_encoder_for_training
-    from csplade.trainer import (
+    from csplade.data.groups import read_texts
+    from csplade.training.contrastive import (
         resolve_data_path,
         resolve_resume,  # same rules as `train`
     )
+    from csplade.training.loading import load_encoder_for_training
 
     if not training_args.output_dir:
         raise ValueError("output_dir is required (in the recipe or as --output_dir)")

@@ -317,7 +317,7 @@ def find_dataset(
     raise FileNotFoundError(
         f"dataset {name!r} not found: {looked}. Either pass the path of a BEIR folder, or set "
         f"{DATA_ENV} to the directory that holds BEIR folders (one per dataset), or download it: "
-        f"`python -c \"from csplade.beir import download_beir; download_beir('{Path(name).name}', "
+        f"`python -c \"from csplade.data.beir import download_beir; download_beir('{Path(name).name}', "
         f"'<dir>')\"` (or fetch {url} and unzip it into <dir>), then set {DATA_ENV}=<dir>."
     )
 

@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Features, List, Value
 
-from csplade.beir import doc_text, iter_corpus, load_qrels, load_queries, qrels_path
+from csplade.data.beir import doc_text, iter_corpus, load_qrels, load_queries, qrels_path
 from csplade.index.runs import read_trec_run
 
 logger = logging.getLogger(__name__)

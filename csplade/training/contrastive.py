@@ -5,7 +5,7 @@ checkpoints, resume, logging (`report_to` tensorboard / wandb) and the launchers
 DDP, DeepSpeed ZeRO or FSDP). This module adds only what is specific to learned sparse retrieval:
 
 - `compute_loss`: encode the queries and the grouped documents in one forward (one DDP forward per
-  step), then InfoNCE (:func:`csplade.losses.contrastive_loss`, optionally with cross-device negatives),
+  step), then InfoNCE (:func:`csplade.training.losses.contrastive_loss`, optionally with cross-device negatives),
   optional distillation from teacher scores (MarginMSE or KL), and sparsity regularizers on queries and
   documents (FLOPS / L1 / IDF-aware FLOPS) computed on the *global* batch so the density of the model does
   not depend on the number of GPUs. λ_q and λ_d follow a quadratic warm-up stepped per OPTIMIZER step
@@ -21,7 +21,7 @@ DDP, DeepSpeed ZeRO or FSDP). This module adds only what is specific to learned 
 Limits: DeepSpeed ZeRO-3 partitions the LM-head weight that the fused head reads directly; under ZeRO-3 the
 head weight is gathered for the forward when it is frozen (LoRA), and a trainable head falls back to calling
 the module (the naive head). Multi-node launch is accelerate's; nothing here depends on the world size
-except the loss math, which is exact for any split (see csplade.losses).
+except the loss math, which is exact for any split (see csplade.training.losses).
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from csplade import losses
-from csplade.configs import (
+from csplade.model.encoder import SparseEncoder
+from csplade.training import losses
+from csplade.training.arguments import (
     CspladeTrainingArguments,
     DataArguments,
     ModelArguments,
     SparsityArguments,
 )
-from csplade.modeling import SparseEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def load_checkpoint_weights(encoder: SparseEncoder, folder: Path) -> None:
     """Load the weights of a csplade checkpoint folder into `encoder` in place (adapter or full)."""
     from safetensors.torch import load_file
 
-    from csplade.modeling import load_head_bias
+    from csplade.model.encoder import load_head_bias
 
     head_bias = load_head_bias(folder)
     if head_bias is not None:
@@ -276,10 +276,10 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
 
 
 def resolve_data_path(value: str) -> str:
-    """A path as is; otherwise a BEIR data set name looked up under $CSPLADE_DATA (csplade.beir)."""
+    """A path as is; otherwise a BEIR data set name looked up under $CSPLADE_DATA (csplade.data.beir)."""
     if Path(value).exists():
         return value
-    from csplade.beir import find_dataset
+    from csplade.data.beir import find_dataset
 
     return str(find_dataset(value))
 
@@ -293,8 +293,8 @@ def run_training(
     """Train the encoder a recipe describes; save it to `training_args.output_dir` and return that path."""
     from transformers import set_seed
 
-    from csplade.data import GroupCollator, load_training_groups
-    from csplade.lora import load_encoder_for_training
+    from csplade.data.groups import GroupCollator, load_training_groups
+    from csplade.training.loading import load_encoder_for_training
 
     if not training_args.output_dir:
         raise ValueError("output_dir is required (in the recipe or as --output_dir)")
@@ -309,7 +309,7 @@ def run_training(
         calibrate_on_training_docs(encoder, dataset, model_args.head_bias_df)
     idf = None
     if sparsity_args.doc_regularizer == "idf_flops" or model_args.doc_only:
-        from csplade.data import corpus_idf
+        from csplade.data.groups import corpus_idf
 
         idf = corpus_idf(encoder, dataset)
         if model_args.doc_only:
@@ -360,7 +360,7 @@ def calibrate_on_training_docs(encoder: SparseEncoder, dataset, doc_fraction: fl
     """Calibrate the encoder's head bias on up to `n` training documents (every process the same)."""
     import itertools
 
-    from csplade.data import document_texts
+    from csplade.data.groups import document_texts
 
     texts = list(itertools.islice(document_texts(dataset), n))
     encoder.calibrate_head_bias(texts, doc_fraction=doc_fraction)

@@ -3,7 +3,7 @@
 What: for every query judged in the split, `mine_negatives` takes the documents a first-stage run ranks
 at positions ``skip_top + 1 … depth`` and removes the query's judged positives; `mine` produces that
 run (BM25, a csplade encoder with exact search, or a TREC run file), mines, and writes training groups
-JSONL in the format of :func:`csplade.data.read_groups_jsonl`::
+JSONL in the format of :func:`csplade.data.groups.read_groups_jsonl`::
 
     {"query": str, "query_id": str,
      "positives": [{"_id", "title", "text"}, ...], "negatives": [{"_id", "title", "text"}, ...]}
@@ -21,7 +21,7 @@ Rules (every drop is counted in the returned statistics and logged):
   excluded from its negatives, wherever the run ranks it (`run_positives_excluded`).
 - Documents judged non-relevant (score <= 0) are KEPT as negatives when the run retrieves them: they
   are confirmed negatives, the most reliable kind (`judged_nonrelevant_kept`). The same rule as
-  :func:`csplade.data.read_groups_beir`.
+  :func:`csplade.data.groups.read_groups_beir`.
 - Unjudged documents are taken as negatives. Some are relevant in truth (false negatives); this is
   the known weakness of mined negatives, and `skip_top` (leave out the first ranks, where unjudged
   relevant documents concentrate) is the usual mitigation.
@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from csplade.beir import (
+from csplade.data.beir import (
     doc_text,
     find_dataset,
     load_corpus,
@@ -235,11 +235,11 @@ def mine(
     """Mine negatives for a BEIR split and write training groups to `out`; returns the counters.
 
     `data`: a BEIR folder or a name under $CSPLADE_DATA. The run comes from `run_file` (a TREC run)
-    when given, else from `model`: "bm25" (`csplade.evaluation.bm25_search`), a model folder or
+    when given, else from `model`: "bm25" (`csplade.evaluation.metrics.bm25_search`), a model folder or
     packaged name, or a loaded `SparseEncoder`. Only the split's judged queries with a positive are
     searched.
     """
-    from csplade.evaluation import bm25_search
+    from csplade.evaluation.metrics import bm25_search
 
     if run_file is None and model is None:
         raise ValueError("give a model ('bm25', a csplade model) or a run file to mine from")
@@ -272,7 +272,7 @@ def mine(
         else:
             encoder = model
             if isinstance(model, (str, os.PathLike)):
-                from csplade.modeling import SparseEncoder
+                from csplade.model.encoder import SparseEncoder
 
                 encoder = SparseEncoder.from_pretrained(model, device=device)
             source = str(model) if isinstance(model, (str, os.PathLike)) else "encoder"

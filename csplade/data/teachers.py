@@ -11,7 +11,7 @@ re-weight without scoring again.
 Teachers (a packaged name, a local folder, or a hub id where a network is available):
 
 - a csplade encoder or any SPLADE-style MLM/causal LM (``csplade_config.json``, or a masked-LM head):
-  sparse, the dot product of SPLADE vectors (:class:`csplade.modeling.SparseEncoder`);
+  sparse, the dot product of SPLADE vectors (:class:`csplade.model.encoder.SparseEncoder`);
 - a sentence-transformers folder (``modules.json``): dense, the similarity the model defines (cosine
   when its last module normalises, else its configured similarity);
 - a cross-encoder (a ``*ForSequenceClassification`` config): the relevance logit of (query, document).
@@ -109,11 +109,11 @@ class Teacher:
 
 def load_teacher(name_or_path: str, device: str | None = None) -> Teacher:
     """Load a teacher and decide its kind from the files of its folder (see the module docstring)."""
-    from csplade.backbones import resolve_model
+    from csplade.model.backbones import resolve_model
 
     path = resolve_model(name_or_path)
     if (path / "csplade_config.json").exists():
-        from csplade.modeling import SparseEncoder
+        from csplade.model.encoder import SparseEncoder
 
         return Teacher(name_or_path, "sparse", SparseEncoder.from_pretrained(path, device=device))
     if (path / "modules.json").exists():
@@ -127,7 +127,7 @@ def load_teacher(name_or_path: str, device: str | None = None) -> Teacher:
         st = _sentence_transformers()
         return Teacher(name_or_path, "cross", st.CrossEncoder(str(path), device=device or "cpu"))
     if any(a.endswith("ForMaskedLM") or a.endswith("ForCausalLM") for a in archs):
-        from csplade.modeling import SparseEncoder
+        from csplade.model.encoder import SparseEncoder
 
         return Teacher(name_or_path, "sparse", SparseEncoder.from_pretrained(path, device=device))
     raise ValueError(
@@ -165,7 +165,7 @@ def score_groups(
     """
     from tqdm.auto import tqdm
 
-    from csplade.data import read_groups_jsonl
+    from csplade.data.groups import read_groups_jsonl
 
     if not teachers:
         raise ValueError("no teachers given")
