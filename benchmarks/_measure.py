@@ -1,15 +1,8 @@
-"""Shared helpers for csplade's benchmarks: peak memory, load average, subprocesses, tiny model.
+"""Shared helpers for csplade's benchmarks: subprocesses, load average, machine line, tiny model.
 
 Why: every benchmark here compares a baseline and a candidate, each in a fresh subprocess, and
-reports peak memory the same way; one file owns how that is done.
-
-Peak memory above a starting point:
-- CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the memory
-  allocated at the start.
-- CPU: the process's peak resident set size (VmHWM) minus the resident size at the start. The peak
-  is reset by writing "5" to /proc/self/clear_refs (Linux >= 4.0), so import-time spikes do not
-  count; without that file it falls back to getrusage ru_maxrss, a lower bound when an earlier
-  spike was higher (reported as `floored`).
+reports peak memory the same way: `PeakMemory` (CUDA allocator stats, or peak RSS via VmHWM) comes
+from :mod:`csplade.evaluation.memory`, which documents how it measures and its fallbacks.
 
 RSS counts what the C allocator keeps mapped, not what tensors hold. glibc raises its mmap threshold
 to 32 MiB after the first large free, so later tensors below that size come from the heap, whose
@@ -27,71 +20,26 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
-from dataclasses import dataclass
 
-MIB = 1024**2
+from csplade.evaluation.memory import MIB, PeakMemory, rss_bytes
+
+__all__ = [
+    "MIB",
+    "MMAP_THRESHOLD",
+    "PeakMemory",
+    "build_tiny_model",
+    "cuda_available",
+    "data_dir",
+    "load_average",
+    "machine_line",
+    "rss_bytes",
+    "spawn",
+]
+
 MMAP_THRESHOLD = 1024**2  # bytes; glibc's MALLOC_MMAP_THRESHOLD_ for case subprocesses
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes(reset_ok: bool) -> int:
-    if reset_ok:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-
-
-@dataclass
-class PeakMemory:
-    """Peak memory above the level at `start()`: CUDA allocator stats, or VmHWM on CPU."""
-
-    device: str = "cpu"
-    base: int = 0
-    reset_ok: bool = True
-    floored: bool = False
-
-    def start(self) -> PeakMemory:
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.reset_ok = _reset_peak_rss()
-        self.base = rss_bytes()
-        # Without a reset, an earlier spike above the current level hides this run's peak.
-        self.floored = not self.reset_ok and _peak_rss_bytes(False) > self.base + 16 * MIB
-        return self
-
-    def peak_bytes(self) -> int:
-        """The peak since `start()` minus the level at `start()`."""
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
-        return _peak_rss_bytes(self.reset_ok) - self.base
 
 
 def load_average() -> float:

@@ -32,6 +32,8 @@ import time
 
 from _measure import MIB, PeakMemory
 
+from csplade.model.config import DTYPES
+
 QUICK = {"batch": 4, "length": 64, "hidden": 64, "vocab": [2048, 8192]}
 FULL = {"batch": 8, "length": 512, "hidden": 576, "vocab": [49152, 128256]}
 
@@ -144,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, help=f"H (default {FULL['hidden']})")
     parser.add_argument("--vocab", type=str, help="comma-separated V values (default 49152,128256)")
     parser.add_argument("--pooling", choices=("max", "sum"), default="max")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per case")
     parser.add_argument(

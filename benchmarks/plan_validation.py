@@ -5,10 +5,10 @@ Usage:
     python benchmarks/plan_validation.py --cases tiny-full,tiny-lora
     python benchmarks/plan_validation.py --json               # one JSON object per case
 
-Each case trains a sparse encoder for a few steps with `csplade.training.contrastive.run_training` (the real Trainer,
-data collator and losses) on a small JSONL of training groups written to a temporary folder, in a fresh
-subprocess, and compares the peak memory it used with `csplade.plan.estimate(..., device="cpu")` for the
-same settings.
+Each case trains a sparse encoder for a few steps with `csplade.training.contrastive.run_training` (the
+real Trainer, data collator and losses) on a small JSONL of training groups written to a temporary
+folder, in a fresh subprocess, and compares the peak memory it used with
+`csplade.plan.estimate(..., device="cpu")` for the same settings.
 
 How memory is measured (CPU, Linux): the process's resident set size (RSS, /proc/self/status) is read
 just before `run_training` builds the model (the baseline: Python, torch and transformers imported, data
@@ -22,9 +22,9 @@ is 0 in "cpu" mode). Without /proc/self/clear_refs the case fails rather than re
 includes the loading spike.
 
 Cases: a tiny Llama (hidden 256, 4 layers, 8 heads / 4 kv, vocab 8,192, random weights) and SmolLM2-135M
-(`csplade.model.backbones.prepare("smollm2-135m")`), full fine-tuning and LoRA, float32. Sequences are padded to
-the recipe's max lengths (every text is longer), as the planner assumes. The pass mark is |ratio - 1| <=
-0.25 (ratio = predicted / measured).
+(`csplade.model.backbones.prepare("smollm2-135m")`), full fine-tuning and LoRA, float32. Sequences are
+padded to the recipe's max lengths (every text is longer), as the planner assumes. The pass mark is
+|ratio - 1| <= 0.25 (ratio = predicted / measured).
 """
 
 from __future__ import annotations
@@ -169,19 +169,6 @@ def write_groups(path: Path, settings: dict, folder: Path, n_queries: int, seed:
 
 
 # -------------------------------------------------------------------------------- the run (child)
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-        f.write("5")
-
-
 def _model_args(settings: dict, folder: Path):
     from csplade.training.arguments import ModelArguments
 
@@ -205,13 +192,8 @@ def measure(settings: dict, folder: Path, data: Path, out: Path) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from csplade.training import contrastive as trainer
-    from csplade.training import loading as lora
-    from csplade.training.arguments import (
-        CspladeTrainingArguments,
-        DataArguments,
-        SparsityArguments,
-    )
+    from csplade.training import contrastive, loading
+    from csplade.training.arguments import CspladeTrainingArguments, DataArguments, LossArguments
 
     model_args = _model_args(settings, folder)
     data_args = DataArguments(train_data=str(data), group_size=settings["group_size"])
@@ -228,28 +210,36 @@ def measure(settings: dict, folder: Path, data: Path, out: Path) -> dict:
         disable_tqdm=True,
         seed=0,
     )
+    from csplade.evaluation.memory import PeakMemory, rss_bytes
+
     marks: dict[str, int] = {}
-    load = lora.load_encoder_for_training
-    train = trainer.SparseTrainer.train
+    memory = PeakMemory("cpu")
+    load = loading.load_encoder_for_training
+    train = contrastive.SparseTrainer.train
 
     def load_and_reset(args):
         encoder = load(args)
         gc.collect()
-        marks["after_load"] = _status_kib("VmRSS") * 1024
-        _reset_peak()
+        memory.start()  # resets VmHWM to the current RSS
+        if memory.method != "vmhwm":
+            raise RuntimeError(f"peak RSS needs /proc/self/clear_refs (got {memory.method!r})")
+        marks["after_load"] = memory.base
         return encoder
 
     def train_and_read(self, *args, **kwargs):
         result = train(self, *args, **kwargs)
-        marks["peak"] = _status_kib("VmHWM") * 1024
+        marks["peak"] = memory.peak_total()
         marks["steps"] = self.state.global_step
         return result
 
-    lora.load_encoder_for_training = load_and_reset
-    trainer.SparseTrainer.train = train_and_read
+    # run_training calls the loader through csplade.training.loading, or through its own module
+    for module in (loading, contrastive):
+        if getattr(module, "load_encoder_for_training", None) is load:
+            module.load_encoder_for_training = load_and_reset
+    contrastive.SparseTrainer.train = train_and_read
     gc.collect()
-    baseline = _status_kib("VmRSS") * 1024
-    trainer.run_training(model_args, SparsityArguments(), data_args, training_args)
+    baseline = rss_bytes()
+    contrastive.run_training(model_args, LossArguments(), data_args, training_args)
     if marks.get("steps") != settings["steps"]:
         raise RuntimeError(f"ran {marks.get('steps')} steps, expected {settings['steps']}")
     return {

@@ -59,6 +59,8 @@ from _measure import (
     spawn,
 )
 
+from csplade.model.config import DTYPES
+
 QUICK = {"queries": 4, "doc_length": 64, "steps": 2}
 FULL = {"queries": 8, "doc_length": 256, "steps": 2}
 REG_WEIGHT = 1e-3
@@ -230,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per case")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if cuda_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument(
         "--activation-checkpointing",
         action="store_true",

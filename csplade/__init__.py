@@ -12,7 +12,7 @@ __all__ = ["SparseEncoder", "SparseEncoderConfig", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in ("SparseEncoder", "SparseEncoderConfig"):
-        from csplade.model import encoder
+        import csplade.model as model
 
-        return getattr(encoder, name)
+        return getattr(model, name)
     raise AttributeError(f"module 'csplade' has no attribute {name!r}")

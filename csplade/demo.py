@@ -29,6 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from csplade.data.beir import DATA_ENV, download_beir, find_dataset
+from csplade.evaluation.beir_eval import SystemSpec, evaluate
+from csplade.model.backbones import cache_dir, prepare
+from csplade.model.config import CONFIG_NAME
+from csplade.training.adaptation import run_adaptation
+from csplade.training.contrastive import run_training
+from csplade.training.recipe import ADAPT_TYPES, parse_recipe
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,8 +91,6 @@ def _as_overrides(values: dict[str, Any]) -> list[str]:
 
 def find_scifact(data_dir: str | None = None) -> Path:
     """SciFact from $CSPLADE_DATA (or `data_dir`); else downloaded once into the cache when online."""
-    from csplade.data.beir import DATA_ENV, download_beir, find_dataset
-    from csplade.model.backbones import cache_dir
 
     try:
         return find_dataset("scifact", data_dir=data_dir)
@@ -104,7 +110,7 @@ def find_scifact(data_dir: str | None = None) -> Path:
 
 
 def _done(folder: Path) -> bool:
-    return (folder / "csplade_config.json").exists()
+    return (folder / CONFIG_NAME).exists()
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m"
@@ -120,13 +126,6 @@ def adapt_stage(
 
     Returns its wall time in seconds, or None when `out` already holds a finished model (skipped).
     """
-    from csplade.training.adaptation import run_adaptation
-    from csplade.training.arguments import (
-        AdaptationArguments,
-        CspladeTrainingArguments,
-        ModelArguments,
-        parse_recipe,
-    )
 
     if _done(out):
         return None
@@ -150,7 +149,7 @@ def adapt_stage(
             settings.model_dtype,
             *_as_overrides(settings.adapt),
         ],  # fmt: skip
-        types=(ModelArguments, AdaptationArguments, CspladeTrainingArguments),
+        types=ADAPT_TYPES,
     )
     run_adaptation(*args)
     return time.time() - started
@@ -169,8 +168,6 @@ def train_stage(
     `recipe` is the recipe's stem (`train`, `distill`, …); `extra` are further overrides. Returns the
     wall time in seconds, or None when `out` already holds a finished model (skipped).
     """
-    from csplade.training.arguments import parse_recipe
-    from csplade.training.contrastive import run_training
 
     if _done(out):
         return None
@@ -215,8 +212,6 @@ def run_demo(
     default the prepared SmolLM2-135M) let the same pipeline run on other collections and models: the
     test suite runs it on the tiny ADI collection with a tiny random model.
     """
-    from csplade.evaluation.beir_eval import SystemSpec, evaluate
-    from csplade.model.backbones import prepare
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

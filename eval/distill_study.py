@@ -27,6 +27,8 @@ import os
 import sys
 from pathlib import Path
 
+from csplade.model.config import VARIANTS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,7 +46,7 @@ def _train(recipe: str, model: Path, data: Path, out: Path, settings) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/distill-study")
-    parser.add_argument("--variants", nargs="+", default=["uni", "echo", "bi"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--max-steps", type=int, default=None, help="training steps (demo's)")
     parser.add_argument("--adapt-steps", type=int, default=None, help="adaptation steps (demo's)")
     parser.add_argument("--learning-rate", type=float, default=None, help="training lr (demo's)")

@@ -51,7 +51,7 @@ def tiny_encoder_factory():
     """`make(arch='llama', **settings)` -> a SparseEncoder over a tiny random backbone (a fresh copy)."""
     from tiny import tiny_model, tiny_tokenizer
 
-    from csplade.model.encoder import SparseEncoder, SparseEncoderConfig
+    from csplade.model import SparseEncoder, SparseEncoderConfig
 
     def make(arch: str = "llama", attn_implementation: str = "eager", **settings):
         backbone = _once(

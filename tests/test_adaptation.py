@@ -19,18 +19,20 @@ from datasets import Dataset
 from tiny import tiny_model, tiny_tokenizer, tiny_words
 from transformers import TrainerCallback
 
-from csplade.model.encoder import SparseEncoder, SparseEncoderConfig
-from csplade.training.adaptation import (
+from csplade.data.sampling import (
     IGNORE_INDEX,
     AdaptationCollator,
+    mntp_inputs,
+    pick_mask_token_id,
+)
+from csplade.model import SparseEncoder, SparseEncoderConfig
+from csplade.training.adaptation import (
     AdaptationTrainer,
     activation_loss,
     clm_loss,
     lm_loss,
-    mntp_inputs,
     mntp_loss,
     next_token_targets,
-    pick_mask_token_id,
     pooled_nnz,
     positive_fraction,
     resolve_objective,
@@ -392,7 +394,7 @@ class _PoisonAfter(TrainerCallback):
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
-    from csplade.training.contrastive import NonFiniteLossError
+    from csplade.training.base import NonFiniteLossError
 
     encoder = make_encoder()
     trainer = AdaptationTrainer(

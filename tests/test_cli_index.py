@@ -20,7 +20,7 @@ from tiny import tiny_model, tiny_tokenizer
 from csplade.cli import main
 from csplade.data.beir import load_queries
 from csplade.index import load_index, read_manifest, read_trec_run
-from csplade.model.encoder import SparseEncoder, SparseEncoderConfig
+from csplade.model import SparseEncoder, SparseEncoderConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,13 +10,13 @@ from csplade.training.arguments import (
     AdaptationArguments,
     CspladeTrainingArguments,
     DataArguments,
+    LossArguments,
     ModelArguments,
-    SparsityArguments,
-    parse_recipe,
 )
+from csplade.training.recipe import parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_TYPES = (ModelArguments, SparsityArguments, DataArguments, CspladeTrainingArguments)
+TRAIN_TYPES = (ModelArguments, LossArguments, DataArguments, CspladeTrainingArguments)
 ADAPT_TYPES = (ModelArguments, AdaptationArguments, CspladeTrainingArguments)
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
 

@@ -15,15 +15,10 @@ import torch
 from tiny import tiny_model, tiny_tokenizer
 
 from csplade.data.beir import doc_text, iter_corpus, load_qrels, load_queries
-from csplade.data.groups import (
-    GroupCollator,
-    GroupDataset,
-    load_training_groups,
-    read_groups_beir,
-    read_groups_jsonl,
-    read_texts,
-)
-from csplade.model.encoder import SparseEncoder, SparseEncoderConfig
+from csplade.data.groups import load_training_groups, read_groups_beir, read_groups_jsonl
+from csplade.data.sampling import GroupCollator, GroupDataset
+from csplade.data.texts import read_texts
+from csplade.model import SparseEncoder, SparseEncoderConfig
 from csplade.training.arguments import DataArguments
 
 DATA_DIR = Path(
@@ -165,7 +160,7 @@ def test_skip_bad_rows_logs_each_and_counts(tmp_path, cache, caplog):
             group("a", ["p"], ["n"], scores={"positives": [1.0, 2.0], "negatives": [0.0]}),
         ],
     )
-    with caplog.at_level(logging.WARNING, logger="csplade.data.groups"):
+    with caplog.at_level(logging.WARNING, logger="csplade.data"):
         groups, stats = read_groups_jsonl(path, skip_bad_rows=True, cache_dir=cache)
     assert [g["query"] for g in groups] == ["good one", "good two"]
     assert [g["line"] for g in groups] == [1, 4]
@@ -178,7 +173,7 @@ def test_skip_bad_rows_logs_each_and_counts(tmp_path, cache, caplog):
 
     # a second read is served from the cache and still reports every skipped row
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="csplade.data.groups"):
+    with caplog.at_level(logging.WARNING, logger="csplade.data"):
         _, again = read_groups_jsonl(path, skip_bad_rows=True, cache_dir=cache)
     assert again["skipped_lines"] == [2, 3, 5, 6]
     assert sum(": skipped bad row (" in m for m in caplog.messages) == 4
@@ -209,7 +204,7 @@ def test_negative_equal_to_positive_is_removed_and_logged(tmp_path, cache, caplo
             )
         ],
     )
-    with caplog.at_level(logging.WARNING, logger="csplade.data.groups"):
+    with caplog.at_level(logging.WARNING, logger="csplade.data"):
         groups, stats = read_groups_jsonl(path, cache_dir=cache)
     assert groups[0]["negatives"] == ["other"] and groups[0]["negative_scores"] == [1.0]
     assert stats["negatives_dropped"] == 1
@@ -222,7 +217,7 @@ def test_skips_and_unknown_keys_are_found_beyond_the_first_arrow_batch(tmp_path,
     rows[2100] = group("q2100", ["p"], note="x")  # line 2101
     rows[1700] = "{bad"  # line 1701
     path = write_lines(tmp_path / "big.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="csplade.data.groups"):
+    with caplog.at_level(logging.WARNING, logger="csplade.data"):
         groups, stats = read_groups_jsonl(path, skip_bad_rows=True, cache_dir=cache)
     assert len(groups) == 2499 and stats["skipped_lines"] == [1701]
     assert groups[2099]["line"] == 2101
@@ -381,7 +376,7 @@ def test_beir_drops_and_counts_queries_without_positive(tmp_path, cache, caplog)
         "q1 Q0 d0 1 9.0 r\nq1 Q0 d1 2 8.0 r\nq1 Q0 nowhere 3 7.0 r\nq1 Q0 d5 4 6.0 r\n",
         encoding="utf-8",
     )
-    with caplog.at_level(logging.WARNING, logger="csplade.data.groups"):
+    with caplog.at_level(logging.WARNING, logger="csplade.data"):
         groups, corpus, stats = read_groups_beir(folder, negatives_run=run, cache_dir=cache)
     assert [g["query_id"] for g in groups] == ["q1", "q4"]
     ids = corpus["_id"]
@@ -454,7 +449,7 @@ def test_set_epoch_reaches_dataset_through_accelerate(long_groups):
 
 
 def test_group_size_one_and_max_queries(long_groups, caplog):
-    with caplog.at_level(logging.INFO, logger="csplade.data.groups"):
+    with caplog.at_level(logging.INFO, logger="csplade.data"):
         dataset = GroupDataset(long_groups, group_size=1, seed=0, max_queries=4)
     assert len(dataset) == 4 and dataset.stats["truncated_from"] == 6
     assert any("first 4 of 6 queries" in m for m in caplog.messages)
@@ -470,7 +465,7 @@ def test_short_negative_lists_are_filled_with_replacement_without_corpus(tmp_pat
         [group("q0", ["p0"], ["a", "b"]), group("q1", ["p1"], [f"n{k}" for k in range(9)])],
     )
     groups, _ = read_groups_jsonl(path, cache_dir=cache)
-    with caplog.at_level(logging.INFO, logger="csplade.data.groups"):
+    with caplog.at_level(logging.INFO, logger="csplade.data"):
         dataset = GroupDataset(groups, group_size=6, seed=0)
     assert dataset.stats["groups_filled"] == 1
     assert sum("1 of 2 groups have fewer than 5 negatives" in m for m in caplog.messages) == 1
@@ -562,7 +557,7 @@ def test_dataset_and_collator_together(long_groups, encoder):
 def test_read_texts_plain_text_counts_blank_lines(tmp_path, cache, caplog):
     path = tmp_path / "texts.txt"
     path.write_text("first text\n\n   \nsecond text\r\nthird\n", encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="csplade.data.groups"):
+    with caplog.at_level(logging.WARNING, logger="csplade.data"):
         texts = read_texts(path, cache_dir=cache)
     assert texts.column_names == ["text"]
     assert texts["text"] == ["first text", "second text", "third"]
@@ -582,7 +577,7 @@ def test_read_texts_jsonl_and_folder(tmp_path, cache, caplog):
         {"_id": "c", "title": "", "text": ""},
     ]
     write_lines(folder / "corpus.jsonl", docs)
-    with caplog.at_level(logging.WARNING, logger="csplade.data.groups"):
+    with caplog.at_level(logging.WARNING, logger="csplade.data"):
         from_file = read_texts(folder / "corpus.jsonl", cache_dir=cache)
     assert from_file["text"] == [doc_text(d) for d in docs[:2]] == ["Title body a", "body b"]
     assert any("1 empty documents are not texts" in m for m in caplog.messages)
@@ -597,7 +592,7 @@ def test_read_texts_bad_jsonl_record(tmp_path, cache, caplog):
     )
     with pytest.raises(ValueError, match=rf"{path}:2: malformed JSON"):
         read_texts(path, cache_dir=cache)
-    with caplog.at_level(logging.WARNING, logger="csplade.data.groups"):
+    with caplog.at_level(logging.WARNING, logger="csplade.data"):
         texts = read_texts(path, skip_bad_rows=True, cache_dir=cache)
     assert texts["text"] == ["ok", "yes"]
     assert any(m.startswith(f"{path}:3: skipped") for m in caplog.messages)
@@ -606,7 +601,7 @@ def test_read_texts_bad_jsonl_record(tmp_path, cache, caplog):
 
 def test_plain_text_that_looks_like_jsonl_warns(tmp_path, cache, caplog):
     path = write_lines(tmp_path / "corpus.json", [{"_id": "a", "text": "x"}])
-    with caplog.at_level(logging.WARNING, logger="csplade.data.groups"):
+    with caplog.at_level(logging.WARNING, logger="csplade.data"):
         texts = read_texts(path, cache_dir=cache)
     assert texts["text"] == ['{"_id": "a", "text": "x"}']
     assert any("name it *.jsonl" in m for m in caplog.messages)

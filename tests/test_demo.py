@@ -86,7 +86,7 @@ def test_missing_data_says_what_to_do(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr("csplade.data.beir.download_beir", offline)
+    monkeypatch.setattr("csplade.demo.download_beir", offline)
     with pytest.raises(FileNotFoundError, match="CSPLADE_DATA=") as info:
         find_scifact()
     assert "network unreachable" in str(info.value)

@@ -12,8 +12,8 @@ from synthetic import save_base, write_groups
 
 from csplade.data.teachers import ensemble, normalize_scores, score_groups
 from csplade.model.encoder import SparseEncoder
-from csplade.training.arguments import parse_recipe
 from csplade.training.contrastive import run_training
+from csplade.training.recipe import parse_recipe
 
 
 def test_normalisations_on_hand_made_scores():

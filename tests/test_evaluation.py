@@ -1,4 +1,4 @@
-"""Metrics against pytrec_eval called directly, BM25, sparsity/latency stats, result files."""
+"""Metrics against pytrec_eval called directly, BM25, sparsity/latency, peak memory, results."""
 
 from __future__ import annotations
 
@@ -14,16 +14,17 @@ import pytrec_eval
 import scipy.sparse as sp
 
 from csplade.data.beir import load_beir
+from csplade.evaluation import memory as memory_module
+from csplade.evaluation.memory import MIB, PeakMemory
 from csplade.evaluation.metrics import (
     DEFAULT_METRICS,
-    bar_chart,
-    bm25_search,
     evaluate_run,
     latency_percentiles,
     sparsity_stats,
     truncate_run,
-    write_results,
 )
+from csplade.evaluation.report import bar_chart, write_results
+from csplade.index.bm25 import bm25_search
 
 DATA_DIR = Path(
     os.environ.get("CSPLADE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -251,6 +252,44 @@ def test_latency_percentiles():
     assert stats["mean_ms"] == pytest.approx(25.0)
     with pytest.raises(ValueError):
         latency_percentiles([])
+
+
+# ---------------------------------------------------------------- peak memory
+
+
+def _touch(n_bytes: int) -> np.ndarray:
+    return np.ones(n_bytes // 8)  # every page written, so resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_peak_memory_sees_an_allocation_freed_before_it_is_read():
+    memory = PeakMemory("cpu").start()
+    block = _touch(64 * MIB)
+    del block
+    assert memory.method in ("vmhwm", "sampled")
+    assert memory.peak_bytes() >= 60 * MIB
+    assert memory.peak_total() == memory.base + memory.peak_bytes()
+    assert memory.lifetime_peak() >= memory.peak_total()
+    memory.stop()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_peak_memory_samples_the_rss_where_the_peak_cannot_be_reset(monkeypatch):
+    monkeypatch.setattr(memory_module, "_reset_peak_rss", lambda: False)
+    with PeakMemory("cpu") as memory:
+        block = _touch(64 * MIB)
+        time.sleep(0.05)  # the sampling thread reads the RSS every 5 ms
+        del block
+    assert memory.method == "sampled" and memory.reset_ok
+    assert memory.peak_bytes() >= 60 * MIB
+
+
+def test_peak_memory_without_proc_uses_the_lifetime_peak(monkeypatch):
+    monkeypatch.setattr(memory_module, "_reset_peak_rss", lambda: False)
+    monkeypatch.setattr(memory_module, "_statm_readable", lambda: False)
+    memory = PeakMemory("cpu").start()
+    assert memory.method == "rusage" and not memory.reset_ok
+    assert memory.peak_total() == memory_module.max_rss_bytes()
 
 
 # ---------------------------------------------------------------- result files

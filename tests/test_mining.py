@@ -11,7 +11,7 @@ import pytest
 from csplade.data.beir import doc_text, load_qrels
 from csplade.data.groups import read_groups_jsonl
 from csplade.data.mining import mine, mine_negatives, ranked
-from csplade.evaluation.metrics import bm25_search
+from csplade.index.bm25 import bm25_search
 
 DOCS = {
     "d1": ("Fruit", "apple banana cherry"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -10,7 +11,7 @@ import scipy.sparse as sp
 import torch
 from tiny import CAUSAL_ARCHS, random_texts, tiny_model, tiny_tokenizer
 
-from csplade.model.encoder import SparseEncoder, SparseEncoderConfig
+from csplade.model import SparseEncoder, SparseEncoderConfig
 from csplade.model.head import naive_max_pool
 
 TEXTS = ["aa ab ac ad", "ba bb", "ca cb cc cd ce cf cg ch", "", "da"]
@@ -124,7 +125,9 @@ def test_special_tokens_and_prefix_pooling():
         tiny_model("llama"), tiny_tokenizer(), SparseEncoderConfig(query_prefix="aa")
     )
     batch = causal.tokenize(["ba bb"], kind="query")
-    assert batch["input_ids"][0].tolist()[0] == causal._prefix_ids["query"][0]
+    assert (
+        batch["input_ids"][0].tolist()[0] == causal._tokenize_plain(causal.config.query_prefix)[0]
+    )
     assert batch["pool_mask"][0].tolist() == [False, True, True]  # the prefix is not pooled
 
 
@@ -326,3 +329,34 @@ def test_head_bias_calibration_sets_each_terms_document_frequency(tmp_path):
     )
     with pytest.raises(ValueError, match=r"doc_fraction must be in \(0, 1\)"):
         enc.calibrate_head_bias(texts, doc_fraction=1.5)
+
+
+def test_folder_saved_by_csplade_0_1_loads(tmp_path):
+    # csplade_config.json exactly as csplade 0.1 (one modeling.py) wrote it: same keys, same meaning
+    folder = _save_tiny_backbone(tmp_path)
+    saved = {
+        "adapter": False,
+        "backbone_kind": "causal",
+        "base_model": "tiny-llama",
+        "doc_max_length": 12,
+        "doc_only": False,
+        "doc_prefix": "",
+        "extra": {"adaptation": {"steps": 6}},
+        "fused_head": True,
+        "head_chunk_size": None,
+        "pool_special_tokens": False,
+        "pooling": "max",
+        "query_max_length": 7,
+        "query_prefix": "",
+        "variant": "echo",
+    }
+    (folder / "csplade_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
+    enc = SparseEncoder.from_pretrained(folder)
+    assert (enc.config.variant, enc.config.doc_max_length, enc.config.query_max_length) == (
+        "echo",
+        12,
+        7,
+    )
+    assert enc.config.extra == {"adaptation": {"steps": 6}}
+    enc.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "csplade_config.json").read_text()) == saved

@@ -18,9 +18,6 @@ from csplade.plan import (
     Architecture,
     Cluster,
     Workload,
-    _counts,
-    _layer_activation_bytes,
-    _precision,
     architecture_from_config,
     count_examples,
     estimate,
@@ -29,7 +26,10 @@ from csplade.plan import (
     plan_recipe,
     read_workload,
     resolve_architecture,
+    suggest,
 )
+from csplade.plan.memory import layer_activation_bytes
+from csplade.plan.sizes import parameter_counts, precision
 from csplade.training.arguments import ModelArguments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,8 +224,6 @@ def test_combined_knobs_when_no_single_one_is_enough():
     workload = dataclasses.replace(_workload(use_lora=False, fused_head=False), batch_size=16)
     plan = estimate(LLAMA_8B, workload, Cluster(), gpu_memory=40e9)
     assert not plan.fits
-    from csplade.plan import suggest
-
     suggestions = suggest(LLAMA_8B, workload, Cluster(), gpu_memory=40e9)
     assert not any(s.fits for s in suggestions if not s.knob.startswith("combined"))
     combined = [s for s in suggestions if s.knob.startswith("combined")]
@@ -312,7 +310,8 @@ def test_lora_parameter_count_matches_peft(targets):
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model_args = ModelArguments(use_lora=True, lora_r=8, lora_target_modules=targets)
-    assert _counts(architecture_from_config(config.to_dict()), model_args).lora == trainable
+    arch = architecture_from_config(config.to_dict())
+    assert parameter_counts(arch, model_args).lora == trainable
 
 
 def _saved_bytes_per_token_per_layer(config, dtype, lora_dropout, attn, batch=2, length=24):
@@ -383,8 +382,8 @@ def test_activation_formula_matches_autograd(dtype, lora_dropout, attn):
         batch_size=2,
     )
     arch = architecture_from_config(config.to_dict())
-    predicted = _layer_activation_bytes(
-        arch, workload, _precision(workload, Cluster()), 24, device="cpu"
+    predicted = layer_activation_bytes(
+        arch, workload, precision(workload, Cluster()), 24, device="cpu"
     )
     assert predicted == pytest.approx(measured, rel=0.02)
 

@@ -16,22 +16,15 @@ import torch
 from conftest import data_dir
 from tiny import random_texts, tiny_model, tiny_tokenizer
 
+from csplade.cli import quant as quant_cli
+from csplade.evaluation import quant_sweep
+from csplade.evaluation.quant_sweep import ROW_KEYS, SweepSettings, pareto_front, run_sweep
 from csplade.model.encoder import SparseEncoder
-from csplade.quantization import modes as quantize
-from csplade.quantization.modes import (
-    MODES,
-    ROW_KEYS,
-    QuantizedLMHead,
-    SweepSettings,
-    TiedQuantizedEmbedding,
-    module_counts,
-    parameter_bytes,
-    pareto_front,
-    run_sweep,
-    slice_dataset,
-)
+from csplade.quantization.lm_head import QuantizedLMHead, TiedQuantizedEmbedding, module_counts
+from csplade.quantization.loading import resolve_request
+from csplade.quantization.modes import MODES, parameter_bytes, quiet_int8_cast_notice
 
-quantize.quiet_int8_cast_notice()
+quiet_int8_cast_notice()
 
 INTEGER_MODES = ("int8", "nf4", "fp4", "torchao-int8-wo", "torchao-int8-dyn")
 LOADABLE = ("none", "bf16", "fp16", *INTEGER_MODES)
@@ -234,6 +227,29 @@ def test_a_bad_saved_quantization_record_names_the_file(llama_dir, tmp_path):
         SparseEncoder.from_pretrained(tmp_path / "saved")
 
 
+def test_resolve_request_checks_the_saved_record_and_the_request():
+    where = "m/csplade_config.json"
+    assert resolve_request(None, "nf4", True, where) == ("nf4", True)
+    assert resolve_request({"mode": "int8", "quantize_head": False}, "none", True, where) == (
+        "int8",
+        True,
+    )
+    assert resolve_request({"mode": "none", "quantize_head": False}, "fp4", False, where) == (
+        "fp4",
+        False,
+    )
+    with pytest.raises(ValueError, match=r"m/csplade_config.json records an encoder saved with"):
+        resolve_request({"mode": "int8", "quantize_head": False}, "nf4", False, where)
+    with pytest.raises(ValueError, match=r"m/csplade_config.json: extra\['quantization'\] must"):
+        resolve_request({"mode": "int8"}, "none", False, where)
+    with pytest.raises(ValueError, match=r"\['quantize_head'\] must be true or false"):
+        resolve_request({"mode": "int8", "quantize_head": "yes"}, "none", False, where)
+    with pytest.raises(ValueError, match="did you mean 'nf4'"):
+        resolve_request(None, "nf44", False, where)
+    with pytest.raises(ValueError, match="quantize_head=True needs a quantization mode"):
+        resolve_request(None, "none", True, where)
+
+
 def test_int8_head_reloads_exactly(llama_dir, tmp_path):
     _needs("int8")
     encoder = SparseEncoder.from_pretrained(llama_dir, quantization="int8", quantize_head=True)
@@ -259,19 +275,6 @@ def test_saving_an_inexact_quantized_head_is_refused(llama_dir, tmp_path, mode):
 
 
 # ------------------------------------------------------------------------------------ sweep
-
-
-def test_slice_keeps_the_judged_docs_of_the_kept_queries():
-    from csplade.data.beir import load_beir
-
-    data = load_beir(data_dir() / "adi")
-    part = slice_dataset(data, max_docs=20, max_queries=3)
-    assert list(part["queries"]) == list(data.queries)[:3]
-    judged = {d for docs in part["qrels"].values() for d in docs}
-    assert judged <= set(part["doc_ids"]) and len(part["doc_ids"]) == 20
-    order = [data.doc_ids.index(d) for d in part["doc_ids"]]
-    assert order == sorted(order)
-    assert part["doc_texts"][0] == data.doc_texts[order[0]]
 
 
 def _settings(llama_dir, out, **changes) -> SweepSettings:
@@ -326,7 +329,7 @@ def test_sweep_writes_every_file_and_skips_done_rows(llama_dir, tmp_path, monkey
         measured.append((mode, dataset))
         return {**none, "mode": mode}
 
-    monkeypatch.setattr(quantize, "measure_row", fake_measure)
+    monkeypatch.setattr(quant_sweep, "measure_row", fake_measure)
     assert run_sweep(_settings(llama_dir, tmp_path)) == rows
     assert measured == []
     rows3 = run_sweep(_settings(llama_dir, tmp_path, modes=["none", "int8", "nf4"]))
@@ -354,7 +357,7 @@ def test_cli_builds_the_sweep_settings(tmp_path, monkeypatch):
         captured["settings"] = settings
         return []
 
-    monkeypatch.setattr(quantize, "run_sweep", fake_run)
+    monkeypatch.setattr(quant_cli, "run_sweep", fake_run)
     argv = ["quant-sweep", "--model", "m", "--datasets", "adi", "cranfield", "--out", str(tmp_path)]
     argv += ["--modes", "none,nf4", "--quantize-head", "--max-docs", "50", "--threads", "2"]
     argv += ["--doc-max-length", "128"]
@@ -372,7 +375,9 @@ def test_cli_builds_the_sweep_settings(tmp_path, monkeypatch):
 def test_sweep_row_in_a_subprocess(llama_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CSPLADE_DATA", str(data_dir()))
     rows = run_sweep(_settings(llama_dir, tmp_path, modes=["none"], isolate=True, max_docs=10))
-    assert len(rows) == 1 and rows[0]["n_docs"] == 10 and rows[0]["max_rss_bytes"] > 0
+    # The 8 queries judge 20 docs: the slice keeps them all, above max_docs.
+    assert len(rows) == 1 and rows[0]["n_docs"] == 20 and rows[0]["max_rss_bytes"] > 0
+    assert rows[0]["peak_rss_bytes"] <= rows[0]["max_rss_bytes"]
 
 
 @pytest.mark.slow

@@ -17,14 +17,10 @@ from safetensors.torch import load_file
 from synthetic import pairs, save_base, write_groups
 
 from csplade.model.encoder import SparseEncoder
-from csplade.training.arguments import parse_recipe
-from csplade.training.contrastive import (
-    COMPLETE_MARKER,
-    NonFiniteLossError,
-    SparseTrainer,
-    run_training,
-)
+from csplade.training.base import COMPLETE_MARKER, NonFiniteLossError
+from csplade.training.contrastive import SparseTrainer, run_training
 from csplade.training.losses import quadratic_warmup
+from csplade.training.recipe import parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

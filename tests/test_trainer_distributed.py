@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 from synthetic import save_base, write_groups
 
-from csplade.data.groups import GroupCollator, load_training_groups
+from csplade.data.groups import load_training_groups
+from csplade.data.sampling import GroupCollator
 from csplade.model.encoder import SparseEncoder
 from csplade.training import losses
 from csplade.training.arguments import DataArguments

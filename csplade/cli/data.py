@@ -1,11 +1,57 @@
-"""`csplade teacher-scores --teachers T1,T2 --groups groups.jsonl --out scored.jsonl`."""
+"""`csplade mine | teacher-scores`: training data from the command line.
+
+    csplade mine --model bm25 --data DATA/scifact --split train --out groups.jsonl
+    csplade teacher-scores --teachers minilm-dense,splade-tiny --groups groups.jsonl --out scored.jsonl
+
+`mine` writes hard-negative training groups (:func:`csplade.data.mining.mine`); `teacher-scores` scores
+every group with an ensemble of teachers for distillation (:func:`csplade.data.teachers.score_groups`).
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from csplade.cli.common import add_batch_size, add_device, non_negative, positive
+from csplade.data.mining import mine
+from csplade.data.teachers import NORMALIZATIONS, score_groups
+
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_mine(sub)
+    _register_teacher_scores(sub)
+
+
+def _register_mine(sub) -> None:
+    p = sub.add_parser(
+        "mine",
+        help="mine hard negatives (BM25, a csplade model, or a run) into training groups JSONL",
+        description="Training groups for a BEIR split: judged positives, and negatives from the "
+        "top of a retrieval run with every judged positive excluded (see csplade.data.mining).",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="`bm25`, or a csplade model (folder or packaged name)")
+    source.add_argument("--run", help="mine from an existing TREC run file instead")
+    p.add_argument("--data", required=True, help="a BEIR folder, or a name under $CSPLADE_DATA")
+    p.add_argument("--split", default="train", help="qrels split (default: train)")
+    p.add_argument("--out", required=True, help="training groups JSONL to write")
+    p.add_argument("--depth", type=positive, default=100, help="run ranks considered (100)")
+    p.add_argument(
+        "--negatives", type=positive, default=None, help="keep the N best-ranked (default: all)"
+    )
+    p.add_argument(
+        "--skip-top", type=non_negative, default=0, help="skip the K first run ranks (0)"
+    )
+    p.add_argument(
+        "--index-dir",
+        default=None,
+        help="model mining: keep the encoded corpus here and reuse it (default: a temp folder)",
+    )
+    add_batch_size(p)
+    add_device(p, default_help="the model's")
+    p.set_defaults(func=_mine)
+
+
+def _register_teacher_scores(sub) -> None:
     p = sub.add_parser(
         "teacher-scores",
         help="score training groups with teachers (dense, sparse, cross-encoder) for distillation",
@@ -23,17 +69,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--normalization",
         default="minmax",
-        choices=["minmax", "zscore", "none"],
+        choices=NORMALIZATIONS,
         help="per-query normalisation of each teacher before the weighted sum",
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=_run)
+    add_batch_size(p)
+    add_device(p, default_help="cpu")
+    p.set_defaults(func=_teacher_scores)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from csplade.data.teachers import score_groups
+def _mine(args: argparse.Namespace) -> int:
+    stats = mine(
+        args.data,
+        args.out,
+        model=args.model,
+        run_file=args.run,
+        split=args.split,
+        depth=args.depth,
+        n_negatives=args.negatives,
+        skip_top=args.skip_top,
+        index_dir=args.index_dir,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(f"groups: {args.out}")
+    for key, value in stats.items():
+        print(f"{key}: {value}")
+    return 0
 
+
+def _teacher_scores(args: argparse.Namespace) -> int:
     teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
     weights = None
     if args.weights:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from csplade.demo import DEMO, run_demo
+from csplade.model.config import VARIANTS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--variant",
-        choices=("uni", "echo", "bi"),
+        choices=VARIANTS,
         default=None,
         help="CSPLADE variant (default: the embedded default's, echo)",
     )
@@ -24,12 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-    from pathlib import Path
-
-    from csplade.demo import DEMO, run_demo
-
     settings = dataclasses.replace(DEMO, variant=args.variant) if args.variant else DEMO
     written = run_demo(args.out, full=args.full, settings=settings)
     print()
@@ -48,9 +48,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def summary_table(eval_dir) -> str:
     """One row per system (nDCG@10, R@100, MRR@10, sizes, latency) from an evaluation folder."""
-    import json
-    from pathlib import Path
-
     eval_dir = Path(eval_dir)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     efficiency_file = eval_dir / "efficiency.json"

@@ -1,8 +1,11 @@
-"""`csplade eval --model M … --datasets D … --out OUT [--baseline bm25]`: zero-shot BEIR evaluation."""
+"""`csplade eval --model M … --datasets D … --out OUT [--baseline bm25]`: zero-shot BEIR eval."""
 
 from __future__ import annotations
 
 import argparse
+
+from csplade.cli.common import add_batch_size, add_device, add_dtype, positive
+from csplade.evaluation.beir_eval import SystemSpec, evaluate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,30 +31,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", choices=["bm25"], action="append", default=[], help="add BM25")
     p.add_argument("--split", default="test", help="qrels split (default: test)")
     p.add_argument(
-        "--max-docs", type=int, default=None, help="evaluate on a corpus slice (smoke runs)"
+        "--max-docs", type=positive, default=None, help="evaluate on a corpus slice (smoke runs)"
     )
     p.add_argument(
-        "--max-queries", type=int, default=None, help="evaluate the first N queries only"
+        "--max-queries", type=positive, default=None, help="evaluate the first N queries only"
     )
-    p.add_argument("--k", type=int, default=1000, help="depth of the runs (default 1000)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--latency-queries", type=int, default=100, help="queries timed one by one")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: the model's)")
+    p.add_argument("--k", type=positive, default=1000, help="depth of the runs (default 1000)")
+    add_batch_size(p)
+    p.add_argument("--latency-queries", type=positive, default=100, help="queries timed one by one")
+    add_device(p, "the model's")
     p.add_argument(
         "--backend", choices=["numba", "scipy"], default=None, help="exact search kernel"
     )
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="model weights dtype",
-    )
+    add_dtype(p)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from csplade.evaluation.beir_eval import SystemSpec, evaluate
-
     systems = [SystemSpec.parse(m) for m in args.model]
     systems += [SystemSpec.parse(b) for b in args.baseline]
     written = evaluate(

@@ -1,9 +1,8 @@
-"""`csplade encode | search | export | mine`: the search side of csplade from the command line.
+"""`csplade encode | search | export`: the search side of csplade from the command line.
 
     csplade encode --model M --corpus DATA/scifact --out runs/scifact/index
     csplade search --index runs/scifact/index --queries DATA/scifact/queries.jsonl --out run.trec
     csplade export --index runs/scifact/index --format anserini qdrant --out runs/scifact/export
-    csplade mine   --model bm25 --data DATA/scifact --split train --out groups.jsonl
 
 `encode` writes resumable checksummed shards (`csplade.index.shards`): a rerun with the same model and
 options encodes only the shards that are missing or corrupt; under `accelerate launch` each process
@@ -20,8 +19,6 @@ by another model than the documents would give a meaningless run, so this is an 
 Queries (`--queries`): a BEIR `queries.jsonl` (or a BEIR folder), or any other file as TSV lines
 `query-id<TAB>text` (MS MARCO style, no header).
 
-`mine` is a thin wrapper over :func:`csplade.data.mining.mine` (hard negatives for training).
-
 Printing happens here; the library logs.
 """
 
@@ -36,23 +33,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
+
+from csplade._io import atomic_write
+from csplade.cli.common import add_model_loading, non_negative_float, positive, positive_float
+from csplade.data.beir import doc_text, iter_corpus, load_queries
+from csplade.index import (
+    InvertedIndex,
+    SeismicConfig,
+    SeismicSearcher,
+    encode_corpus,
+    load_index,
+    read_manifest,
+    write_trec_run,
+)
+from csplade.index.export import (
+    elasticsearch_query,
+    export_index,
+    opensearch_query,
+    write_anserini_queries,
+    write_qdrant_jsonl,
+)
+from csplade.index.storage import fingerprint_ids
+from csplade.model.encoder import SparseEncoder
+from csplade.training.distributed import cpu_only_launch
+
 logger = logging.getLogger(__name__)
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
 
 
 # ----------------------------------------------------------------------------------- registration
@@ -62,14 +68,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_encode(sub)
     _register_search(sub)
     _register_export(sub)
-    _register_mine(sub)
-
-
-def _add_model_loading(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: accelerate's)")
-    p.add_argument(
-        "--dtype", choices=DTYPES, default=None, help="backbone dtype (default: the model's)"
-    )
 
 
 def _register_encode(sub) -> None:
@@ -82,27 +80,29 @@ def _register_encode(sub) -> None:
     p.add_argument("--model", required=True, help="a csplade model folder or packaged name")
     p.add_argument("--corpus", required=True, help="a BEIR folder or a corpus.jsonl file")
     p.add_argument("--out", required=True, help="index folder (shards + manifest.json)")
-    p.add_argument("--shard-size", type=_positive, default=10_000, help="docs per shard")
-    p.add_argument("--batch-size", type=_positive, default=32, help="docs per forward pass")
+    p.add_argument("--shard-size", type=positive, default=10_000, help="docs per shard")
     p.add_argument(
         "--quantize", choices=["fp16", "uint8"], default=None, help="storage (default float32)"
     )
     p.add_argument(
-        "--scale", type=float, default=None, help="uint8: one fixed scale (default: per shard)"
+        "--scale",
+        type=positive_float,
+        default=None,
+        help="uint8: one fixed scale (default: per shard)",
     )
-    p.add_argument("--max-docs", type=_positive, default=None, help="the first N docs only")
+    p.add_argument("--max-docs", type=positive, default=None, help="the first N docs only")
     p.add_argument(
         "--overwrite", action="store_true", help="discard shards written with other settings"
     )
-    p.add_argument("--top-k", type=_positive, default=None, help="keep the k largest weights")
-    p.add_argument("--threshold", type=float, default=None, help="drop weights below this")
-    _add_model_loading(p)
+    p.add_argument("--top-k", type=positive, default=None, help="keep the k largest weights")
+    p.add_argument(
+        "--threshold", type=non_negative_float, default=None, help="drop weights below this"
+    )
+    add_model_loading(p, batch_what="docs")
     p.set_defaults(func=_encode)
 
 
 def _register_search(sub) -> None:
-    from csplade.index.seismic import SeismicConfig
-
     p = sub.add_parser(
         "search",
         help="encode queries and search an encoded index; write a TREC run",
@@ -117,17 +117,16 @@ def _register_search(sub) -> None:
     p.add_argument(
         "--model", default=None, help="query encoder (default: the model recorded in the index)"
     )
-    p.add_argument("--k", type=_positive, default=1000, help="results per query (default 1000)")
+    p.add_argument("--k", type=positive, default=1000, help="results per query (default 1000)")
     p.add_argument(
         "--backend",
         choices=["numba", "scipy", "seismic"],
         default=None,
         help="exact numba (default when installed) or scipy kernel, or approximate Seismic",
     )
-    p.add_argument("--batch-size", type=_positive, default=32, help="queries per forward pass")
-    p.add_argument("--threads", type=_positive, default=None, help="search threads")
+    p.add_argument("--threads", type=positive, default=None, help="search threads")
     p.add_argument("--tag", default="csplade", help="run tag (last column of the run)")
-    _add_model_loading(p)
+    add_model_loading(p, batch_what="queries")
     group = p.add_argument_group("Seismic (--backend seismic; see csplade.index.seismic)")
     for f in dataclasses.fields(SeismicConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -162,39 +161,8 @@ def _register_export(sub) -> None:
         "--model", default=None, help="encoder / tokenizer (default: the model recorded)"
     )
     p.add_argument("--field", default="splade", help="OpenSearch / Elasticsearch field name")
-    p.add_argument("--batch-size", type=_positive, default=32, help="queries per forward pass")
-    _add_model_loading(p)
+    add_model_loading(p, batch_what="queries")
     p.set_defaults(func=_export)
-
-
-def _register_mine(sub) -> None:
-    p = sub.add_parser(
-        "mine",
-        help="mine hard negatives (BM25, a csplade model, or a run) into training groups JSONL",
-        description="Training groups for a BEIR split: judged positives, and negatives from the "
-        "top of a retrieval run with every judged positive excluded (see csplade.data.mining).",
-    )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="`bm25`, or a csplade model (folder or packaged name)")
-    source.add_argument("--run", help="mine from an existing TREC run file instead")
-    p.add_argument("--data", required=True, help="a BEIR folder, or a name under $CSPLADE_DATA")
-    p.add_argument("--split", default="train", help="qrels split (default: train)")
-    p.add_argument("--out", required=True, help="training groups JSONL to write")
-    p.add_argument("--depth", type=_positive, default=100, help="run ranks considered (100)")
-    p.add_argument(
-        "--negatives", type=_positive, default=None, help="keep the N best-ranked (default: all)"
-    )
-    p.add_argument(
-        "--skip-top", type=_non_negative, default=0, help="skip the K first run ranks (0)"
-    )
-    p.add_argument(
-        "--index-dir",
-        default=None,
-        help="model mining: keep the encoded corpus here and reuse it (default: a temp folder)",
-    )
-    p.add_argument("--batch-size", type=_positive, default=32, help="texts per forward pass")
-    p.add_argument("--device", default=None, help="cpu, cuda, … (default: the model's)")
-    p.set_defaults(func=_mine)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -206,8 +174,6 @@ def read_queries(path: str | os.PathLike) -> dict[str, str]:
     TSV: one `query-id<TAB>text` per line, no header; blank lines are skipped. A line without a tab,
     with an empty id or an empty text, or a repeated id raises ValueError naming `file:line`.
     """
-    from csplade.data.beir import load_queries
-
     path = Path(path)
     if path.is_dir():
         path = path / "queries.jsonl"
@@ -269,15 +235,11 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _load_encoder(model: str, device: str | None, dtype: str | None):
-    from csplade.model.encoder import SparseEncoder
-
     return SparseEncoder.from_pretrained(model, device=device, dtype=dtype)
 
 
 def _encoder_for_index(index_dir: str, model: str | None, device: str | None, dtype: str | None):
     """The encoder that built `index_dir`: `model`, or the one the manifest records; checked."""
-    from csplade.index import read_manifest
-
     describe = read_manifest(index_dir)["settings"]["describe"]  # a dict (encode_corpus checks)
     recorded = describe.get("encoder")
     dtype = dtype or describe.get("dtype")  # the dtype the documents were encoded in
@@ -316,13 +278,8 @@ def _encoder_for_index(index_dir: str, model: str | None, device: str | None, dt
 
 def _partial_state(device: str | None):
     """accelerate's process state: rank, world size, barrier and this process's device."""
-    from accelerate import PartialState
-
-    from csplade.training.arguments import _has_accelerator
-
     # Several processes on a machine without GPUs: join them over gloo (see CspladeTrainingArguments).
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator()
-    state = PartialState(cpu=cpu)
+    state = PartialState(cpu=cpu_only_launch())
     return state, device or str(state.device)
 
 
@@ -334,10 +291,6 @@ def _dir_mb(folder: Path) -> float:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from csplade.data.beir import doc_text, iter_corpus
-    from csplade.index import encode_corpus
-    from csplade.index.storage import fingerprint_ids
-
     if args.scale is not None and args.quantize != "uint8":
         raise ValueError("--scale needs --quantize uint8")
     corpus = _corpus_file(args.corpus)
@@ -407,9 +360,6 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from csplade.index import InvertedIndex, SeismicConfig, SeismicSearcher, load_index
-    from csplade.index import write_trec_run as write_run
-
     queries = read_queries(args.queries)
     seismic_knobs = {
         f.name: getattr(args, f"seismic_{f.name}")
@@ -438,7 +388,7 @@ def _search(args: argparse.Namespace) -> int:
     k = min(args.k, max(1, len(doc_ids)))
     run = searcher.search_ids(q_reps, query_ids, k=k, threads=args.threads)
     search_s = time.perf_counter() - start
-    write_run(args.out, run, tag=args.tag)
+    write_trec_run(args.out, run, tag=args.tag)
     n_empty = sum(not hits for hits in run.values())
     print(
         f"run: {args.out} ({len(run)} queries, {sum(map(len, run.values()))} lines, k={k})\n"
@@ -453,15 +403,6 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from csplade.index.export import (
-        elasticsearch_query,
-        export_index,
-        opensearch_query,
-        write_anserini_queries,
-        write_qdrant_jsonl,
-    )
-    from csplade.index.storage import atomic_write
-
     formats = list(dict.fromkeys(args.format))
     queries = read_queries(args.queries) if args.queries else None
     encoder = vocab = None
@@ -492,26 +433,4 @@ def _export(args: argparse.Namespace) -> int:
             write_qdrant_jsonl(written["qdrant_queries"], chunks)
     for name, path in written.items():
         print(f"{name}: {path}")
-    return 0
-
-
-def _mine(args: argparse.Namespace) -> int:
-    from csplade.data.mining import mine
-
-    stats = mine(
-        args.data,
-        args.out,
-        model=args.model,
-        run_file=args.run,
-        split=args.split,
-        depth=args.depth,
-        n_negatives=args.negatives,
-        skip_top=args.skip_top,
-        index_dir=args.index_dir,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
-    print(f"groups: {args.out}")
-    for key, value in stats.items():
-        print(f"{key}: {value}")
     return 0

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from csplade.cli.common import fraction, positive, positive_float
+from csplade.plan import plan_recipe
+
 GIB = 1024**3
 
 
@@ -24,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--accelerate-config", required=True, help="accelerate config YAML (accelerate_configs/…)"
     )
-    parser.add_argument("--nodes", type=int, default=None, help="machines (default: the config's)")
+    parser.add_argument("--nodes", type=positive, default=None, help="machines (default: the config's)")
     parser.add_argument(
-        "--gpus-per-node", type=int, default=None, help="GPUs per machine (default: the config's)"
+        "--gpus-per-node", type=positive, default=None, help="GPUs per machine (default: the config's)"
     )
     parser.add_argument(
         "--gpu-memory",
@@ -35,14 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--tflops",
-        type=float,
+        type=positive_float,
         default=400.0,
         help="dense bf16 TFLOPS of one GPU (default 400; give your CPU's figure with --device cpu)",
     )
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (0-1)")
+    parser.add_argument("--mfu", type=fraction, default=0.4, help="model FLOPs utilisation (0-1)")
     parser.add_argument(
         "--num-queries",
-        type=int,
+        type=positive,
         default=None,
         help="training queries per epoch (texts for an adaptation recipe); default: counted in a "
         "local data set",
@@ -61,14 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from csplade.plan import plan_recipe
-
-    if args.nodes is not None and args.nodes < 1:
-        raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
-    if args.gpus_per_node is not None and args.gpus_per_node < 1:
-        raise ValueError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
-    if args.num_queries is not None and args.num_queries < 1:
-        raise ValueError(f"--num-queries must be >= 1, got {args.num_queries}")
     plan = plan_recipe(
         args.recipe,
         args.accelerate_config,

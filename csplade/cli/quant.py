@@ -4,8 +4,8 @@
         --modes none,int8,nf4,fp4,torchao-int8-dyn --quantize-head --out runs/quant
 
 Writes OUT/sweep.json (one row per mode and data set), OUT/sweep.md and two Pareto plots; a rerun
-skips the rows already in sweep.json. See :mod:`csplade.quantization.modes` for the modes and what each
-measurement means.
+skips the rows already in sweep.json. See :mod:`csplade.quantization.modes` for the modes and
+:func:`csplade.evaluation.quant_sweep.measure_row` for what each measurement means.
 """
 
 from __future__ import annotations
@@ -13,17 +13,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+from csplade.cli.common import add_batch_size, positive
+from csplade.evaluation.quant_sweep import SWEEP_TABLE, SweepSettings, run_sweep
+from csplade.quantization.modes import check_mode, quiet_int8_cast_notice
 
 
 def _modes(text: str) -> list[str]:
-    from csplade.quantization.modes import check_mode
-
     modes = [m.strip() for m in text.split(",") if m.strip()]
     try:
         return [check_mode(m) for m in modes]
@@ -56,22 +51,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also quantize the LM head (and tied input embeddings) in the integer modes",
     )
     parser.add_argument(
-        "--max-docs", type=_positive, default=None, help="slice: at most this many docs"
+        "--max-docs",
+        type=positive,
+        default=None,
+        help="slice: this many docs (more if the judged docs of the kept queries need it)",
     )
     parser.add_argument(
-        "--max-queries", type=_positive, default=None, help="slice: the first N judged queries"
+        "--max-queries", type=positive, default=None, help="slice: the first N judged queries"
     )
-    parser.add_argument("--batch-size", type=_positive, default=16, help="docs per encode batch")
+    add_batch_size(parser, default=16, what="docs")
     parser.add_argument(
         "--threads",
-        type=_positive,
+        type=positive,
         default=None,
         help="torch and search threads (default: torch's); on a busy machine, 1 gives steadier "
         "timings (oversubscribed threads wait for each other at every op)",
     )
     parser.add_argument("--split", default="test", help="qrels split (default: test)")
-    parser.add_argument("--doc-max-length", type=_positive, default=None, help="doc token cap")
-    parser.add_argument("--query-max-length", type=_positive, default=None, help="query token cap")
+    parser.add_argument("--doc-max-length", type=positive, default=None, help="doc token cap")
+    parser.add_argument("--query-max-length", type=positive, default=None, help="query token cap")
     parser.add_argument(
         "--in-process",
         action="store_true",
@@ -81,13 +79,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from csplade.quantization.modes import (
-        SWEEP_TABLE,
-        SweepSettings,
-        quiet_int8_cast_notice,
-        run_sweep,
-    )
-
     quiet_int8_cast_notice()
     overrides = {}
     if args.doc_max_length is not None:

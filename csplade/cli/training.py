@@ -1,7 +1,7 @@
 """`csplade adapt RECIPE`, `csplade train RECIPE`, `csplade merge ADAPTER --out DIR`.
 
-`adapt` and `train` read a recipe YAML whose keys are the dataclass field names of csplade.training.arguments (and
-transformers.TrainingArguments); any `--key value` after the recipe overrides it. Both run under
+`adapt` and `train` read a recipe YAML whose keys are the dataclass field names of
+csplade.training.arguments (and transformers.TrainingArguments); any `--key value` after the recipe overrides it. Both run under
 `accelerate launch` unchanged (`accelerate launch --config_file accelerate_configs/zero3.yaml -m csplade
 train RECIPE`).
 """
@@ -9,6 +9,10 @@ train RECIPE`).
 from __future__ import annotations
 
 import argparse
+
+from csplade.training.adaptation import run_adaptation
+from csplade.training.contrastive import merge_adapter, run_training
+from csplade.training.recipe import ADAPT_TYPES, parse_recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,30 +46,17 @@ def split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from csplade.training.arguments import parse_recipe
-    from csplade.training.contrastive import run_training
-
-    model_args, sparsity_args, data_args, training_args = parse_recipe(
-        *split_recipe(args.overrides)
-    )
-    out = run_training(model_args, sparsity_args, data_args, training_args)
+    model_args, loss_args, data_args, training_args = parse_recipe(*split_recipe(args.overrides))
+    out = run_training(model_args, loss_args, data_args, training_args)
     if training_args.should_save:
         print(out)
     return 0
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from csplade.training.adaptation import run_adaptation
-    from csplade.training.arguments import (
-        AdaptationArguments,
-        CspladeTrainingArguments,
-        ModelArguments,
-        parse_recipe,
-    )
-
     model_args, adapt_args, training_args = parse_recipe(
         *split_recipe(args.overrides),
-        types=(ModelArguments, AdaptationArguments, CspladeTrainingArguments),
+        types=ADAPT_TYPES,
     )
     out = run_adaptation(model_args, adapt_args, training_args)
     if training_args.should_save:
@@ -74,7 +65,5 @@ def _adapt(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from csplade.training.contrastive import merge_adapter
-
     print(merge_adapter(args.adapter, args.out))
     return 0

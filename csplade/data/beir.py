@@ -294,16 +294,19 @@ def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
 
 
 def find_dataset(
-    name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None
+    name_or_path: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    files: bool = False,
 ) -> Path:
-    """Resolve a dataset argument to a BEIR folder.
+    """Resolve a dataset argument: the one place a data set name is looked up.
 
-    An existing folder is returned as is. Otherwise the argument is taken as a dataset name and
-    looked up under `data_dir`, or under $CSPLADE_DATA when `data_dir` is None. When nothing is
-    found the error says how to get the data.
+    An existing folder (or, with `files`, an existing file) is returned as is. Otherwise the argument
+    is taken as a dataset name and looked up under `data_dir`, or under $CSPLADE_DATA when `data_dir`
+    is None. When nothing is found the error says how to get the data.
     """
     candidate = Path(name_or_path).expanduser()
-    if candidate.is_dir():
+    if candidate.is_dir() or (files and candidate.is_file()):
         return candidate
     name = str(name_or_path)
     root = data_dir if data_dir is not None else os.environ.get(DATA_ENV)

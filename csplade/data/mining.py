@@ -49,6 +49,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from csplade._io import atomic_write
 from csplade.data.beir import (
     doc_text,
     find_dataset,
@@ -57,6 +58,10 @@ from csplade.data.beir import (
     load_queries,
     qrels_path,
 )
+from csplade.index import InvertedIndex, encode_corpus, load_index, read_trec_run
+from csplade.index.bm25 import bm25_search
+from csplade.index.storage import fingerprint_ids
+from csplade.model.encoder import SparseEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +177,6 @@ def build_groups(
 
 def write_groups_jsonl(path: str | os.PathLike, groups: Sequence[Mapping[str, Any]]) -> None:
     """One JSON object per line, written atomically (temp file + rename)."""
-    from csplade.index.storage import atomic_write
-
     with atomic_write(path, "w") as handle:
         for group in groups:
             handle.write(json.dumps(group, ensure_ascii=False) + "\n")
@@ -194,9 +197,6 @@ def encoder_run(
     With `index_dir` the encoded corpus is kept there and reused (resumed) by the next call with the
     same encoder and corpus; without it a temporary folder is used and removed.
     """
-    from csplade.index import InvertedIndex, encode_corpus, load_index
-    from csplade.index.storage import fingerprint_ids
-
     describe = {"encoder": encoder.describe(), "texts_sha256": fingerprint_ids(texts)}
 
     def encode_fn(batch: list[str]):
@@ -218,6 +218,40 @@ def encoder_run(
         return search(Path(tmp))
 
 
+def _first_stage_run(
+    model: Any,
+    run_file: str | os.PathLike | None,
+    usable: dict[str, dict],
+    targets: dict[str, str],
+    depth: int,
+    device: str | None = None,
+    **search: Any,
+) -> tuple[AnyRun, str]:
+    """The run to mine from, and its name: a TREC run file, BM25, or a csplade model's exact run."""
+    if run_file is not None:
+        return read_trec_run(run_file), str(run_file)
+    doc_ids = list(usable)
+    texts = [doc_text(usable[d]) for d in doc_ids]
+    if model == "bm25":
+        return (bm25_search(doc_ids, texts, targets, k=depth) if targets else {}), "bm25"
+    encoder = model
+    if isinstance(model, (str, os.PathLike)):
+        encoder = SparseEncoder.from_pretrained(model, device=device)
+    source = str(model) if isinstance(model, (str, os.PathLike)) else "encoder"
+    return encoder_run(encoder, doc_ids, texts, targets, depth, **search), source
+
+
+_WARNED_COUNTS = (
+    "queries_no_judged_positive",
+    "queries_missing_text",
+    "queries_no_usable_positive",
+    "positives_not_in_corpus",
+    "negatives_not_usable",
+    "queries_not_in_run",
+    "queries_without_negatives",
+)
+
+
 def mine(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -235,12 +269,10 @@ def mine(
     """Mine negatives for a BEIR split and write training groups to `out`; returns the counters.
 
     `data`: a BEIR folder or a name under $CSPLADE_DATA. The run comes from `run_file` (a TREC run)
-    when given, else from `model`: "bm25" (`csplade.evaluation.metrics.bm25_search`), a model folder or
-    packaged name, or a loaded `SparseEncoder`. Only the split's judged queries with a positive are
-    searched.
+    when given, else from `model`: "bm25" (:func:`csplade.index.bm25.bm25_search`), a model folder
+    or packaged name, or a loaded `SparseEncoder`. Only the split's judged queries with a positive
+    are searched.
     """
-    from csplade.evaluation.metrics import bm25_search
-
     if run_file is None and model is None:
         raise ValueError("give a model ('bm25', a csplade model) or a run file to mine from")
     # Check the arguments before any expensive step.
@@ -257,36 +289,10 @@ def mine(
         if q in queries and any(score > 0 for score in judged.values())
     }
     logger.info("%s: mining for %d queries of split %r", folder.name, len(targets), split)
-
-    if run_file is not None:
-        from csplade.index import read_trec_run
-
-        run: AnyRun = read_trec_run(run_file)
-        source = str(run_file)
-    else:
-        doc_ids = list(usable)
-        texts = [doc_text(usable[d]) for d in doc_ids]
-        if model == "bm25":
-            run = bm25_search(doc_ids, texts, targets, k=depth) if targets else {}
-            source = "bm25"
-        else:
-            encoder = model
-            if isinstance(model, (str, os.PathLike)):
-                from csplade.model.encoder import SparseEncoder
-
-                encoder = SparseEncoder.from_pretrained(model, device=device)
-            source = str(model) if isinstance(model, (str, os.PathLike)) else "encoder"
-            run = encoder_run(
-                encoder,
-                doc_ids,
-                texts,
-                targets,
-                depth,
-                index_dir=index_dir,
-                batch_size=batch_size,
-                backend=backend,
-            )
-
+    run, source = _first_stage_run(
+        model, run_file, usable, targets, depth,
+        index_dir=index_dir, batch_size=batch_size, device=device, backend=backend,
+    )  # fmt: skip
     negatives, mine_stats = mine_negatives(
         run, qrels, depth=depth, n_negatives=n_negatives, skip_top=skip_top, usable=usable
     )
@@ -316,15 +322,7 @@ def mine(
         stats["negatives_mean"],
         out,
     )
-    for key in (
-        "queries_no_judged_positive",
-        "queries_missing_text",
-        "queries_no_usable_positive",
-        "positives_not_in_corpus",
-        "negatives_not_usable",
-        "queries_not_in_run",
-        "queries_without_negatives",
-    ):
+    for key in _WARNED_COUNTS:
         if stats[key]:
             logger.warning("%s: %s = %d", out, key, stats[key])
     return stats

@@ -30,6 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from csplade._io import atomic_write
+from csplade.data.groups import read_groups_jsonl
+from csplade.model.backbones import resolve_model
+from csplade.model.config import CONFIG_NAME
+from csplade.model.encoder import SparseEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +116,8 @@ class Teacher:
 
 def load_teacher(name_or_path: str, device: str | None = None) -> Teacher:
     """Load a teacher and decide its kind from the files of its folder (see the module docstring)."""
-    from csplade.model.backbones import resolve_model
-
     path = resolve_model(name_or_path)
-    if (path / "csplade_config.json").exists():
-        from csplade.model.encoder import SparseEncoder
-
+    if (path / CONFIG_NAME).exists():
         return Teacher(name_or_path, "sparse", SparseEncoder.from_pretrained(path, device=device))
     if (path / "modules.json").exists():
         st = _sentence_transformers()
@@ -127,8 +130,6 @@ def load_teacher(name_or_path: str, device: str | None = None) -> Teacher:
         st = _sentence_transformers()
         return Teacher(name_or_path, "cross", st.CrossEncoder(str(path), device=device or "cpu"))
     if any(a.endswith("ForMaskedLM") or a.endswith("ForCausalLM") for a in archs):
-        from csplade.model.encoder import SparseEncoder
-
         return Teacher(name_or_path, "sparse", SparseEncoder.from_pretrained(path, device=device))
     raise ValueError(
         f"teacher {name_or_path!r} ({path}): not a csplade encoder, sentence-transformers model, "
@@ -163,9 +164,6 @@ def score_groups(
     "negatives": […]}}``, raw) and ``scores`` (the ensemble: per-query `normalization` of each teacher,
     then the weighted sum). Written atomically. Returns counts.
     """
-    from tqdm.auto import tqdm
-
-    from csplade.data.groups import read_groups_jsonl
 
     if not teachers:
         raise ValueError("no teachers given")
@@ -200,9 +198,7 @@ def score_groups(
         per_teacher[teacher.name] = np.split(flat, np.cumsum(sizes)[:-1])
     weight_map = dict(zip(names, weight_list, strict=True))
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_write(out, "w") as fh:
         for i in range(len(table)):
             group = table[i]
             n_pos = len(group["positives"])
@@ -225,6 +221,5 @@ def score_groups(
                 for name in names
             }
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     logger.info("wrote %d scored groups to %s", len(table), out)
     return {"groups": len(table), "teachers": names, "normalization": normalization}

@@ -1,21 +1,17 @@
-"""Zero-shot BEIR evaluation of sparse encoders (and BM25) over one or more BEIR folders.
+"""Zero-shot BEIR evaluation of sparse encoders (and BM25): encode, index, search, score, report.
 
-For each data set and each system: encode the corpus into resumable shards (reused when the encoder,
-its settings and the corpus are the same; :mod:`csplade.index.shards`), encode the judged queries of the
-split, search with the exact inverted index (:class:`csplade.index.InvertedIndex`), write a TREC run and
-score it with pytrec_eval (:mod:`csplade.evaluation.metrics`). Efficiency is measured alongside: mean non-zeros of
-query and document vectors, FLOPS (expected multiplications per query-document pair), index size, and the
-end-to-end latency of one query (encode + search) at p50/p95 over up to `latency_queries` queries, one at
-a time. Results go to `OUT/metrics.json` (``{system: {dataset: {metric: value}}}``), `OUT/table.md`, a
-bar chart, and the runs to `OUT/<dataset>/<system>.trec` (the first model's run also as
-`OUT/<dataset>/run.trec`).
+For each data set and system: encode the corpus into resumable shards (:mod:`csplade.index.shards`,
+reused when the encoder, its settings and the corpus are the same), encode the judged queries,
+search the exact inverted index, write a TREC run and score it with pytrec_eval
+(:mod:`csplade.evaluation.metrics`). Efficiency is measured alongside: non-zeros, FLOPS, index size
+and the latency of one query (encode + search) at p50/p95. Results go to `OUT/metrics.json`,
+`OUT/efficiency.json`, `OUT/table.md`, a bar chart (:mod:`csplade.evaluation.report`) and
+`OUT/<dataset>/<system>.trec` (the first model's run also as `OUT/<dataset>/run.trec`). A second
+call with the same `OUT` adds its systems to the same table if the settings (split, slices, k)
+match.
 
-A second call with the same `OUT` adds its systems to the same table, provided the evaluation settings
-(split, slices, k) are the same; different settings are refused rather than mixed in one table.
-
-Slices (`max_docs`, `max_queries`) are for smoke runs and CPU budgets: the first `max_queries` judged
-queries (file order) and a corpus made of every document judged for them plus the first documents of
-the corpus up to `max_docs`. Every output then says it is a slice, and BM25 is evaluated on the same slice.
+Known limit: slices (`max_docs`, `max_queries`, for smoke runs) keep every judged doc of the kept
+queries, so their scores are higher than on the full collection; every output says it is a slice.
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -30,16 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
+from csplade._io import write_json_atomic
 from csplade.data.beir import BeirData, find_dataset, load_beir
+from csplade.evaluation.memory import PeakMemory
 from csplade.evaluation.metrics import (
     DEFAULT_METRICS,
-    bm25_search,
     evaluate_run,
     latency_percentiles,
     sparsity_stats,
-    write_results,
 )
+from csplade.evaluation.report import write_results
+from csplade.index import InvertedIndex, encode_corpus, load_index, write_trec_run
+from csplade.index.bm25 import bm25_search
+from csplade.model.encoder import SparseEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,12 @@ class SystemSpec:
 def slice_data(
     data: BeirData, max_docs: int | None, max_queries: int | None
 ) -> tuple[BeirData, str | None]:
-    """The data restricted to a slice (see the module docstring) and a note saying so (None: full)."""
+    """The data restricted to a slice, and a note saying so (None: no slice asked, all the data).
+
+    Queries: the first `max_queries` judged queries (file order). Docs, in corpus order: every doc
+    judged for a kept query, plus the first other docs of the corpus up to `max_docs` in all (the
+    judged docs are kept even when they alone exceed `max_docs`).
+    """
     if max_docs is None and max_queries is None:
         return data, None
     queries = data.queries
@@ -110,49 +117,125 @@ def _dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("shard-*.npz"))
 
 
+def _csr_bytes(matrix: sp.csr_matrix) -> int:
+    """Bytes of a CSR matrix stored as float32 values, int32 column ids and int64 row pointers."""
+    return matrix.data.size * 4 + matrix.indices.size * 4 + matrix.indptr.size * 8
+
+
+@dataclass(frozen=True)
+class SystemOptions:
+    """How :func:`evaluate_system` runs one encoder: run depth, batches, timed queries, search."""
+
+    k: int = 1000  # depth of the run that is scored
+    batch_size: int = 32  # docs per encode batch (and queries, unless query_batch_size is set)
+    query_batch_size: int | None = None  # 1: every query encoded alone, as in the timed loop
+    latency_queries: int = 100  # queries timed one at a time: encode it, then search
+    latency_k: int = 10  # search depth of the timed queries
+    threads: int | None = None  # search threads (None: the index's default)
+    backend: str | None = None  # exact search kernel (None: the index's default)
+    profile_encoding: bool = False  # time the doc encoding and take its peak memory
+    show_progress: bool = True
+
+
+def _encode_docs(
+    encoder: Any,
+    data: BeirData,
+    index_dir: Path,
+    describe: dict[str, Any],
+    options: SystemOptions,
+) -> dict[str, float]:
+    """Encode the corpus into resumable shards; profile the encoding if ``options`` ask.
+
+    The profile (after one warm-up doc): seconds inside ``encode_docs``, docs per second, and the
+    peak memory meanwhile in absolute bytes. Reused shards encode nothing: time and rate are NaN.
+    """
+    seconds: list[float] = []
+    n_encoded = 0
+
+    def encode_fn(texts: list[str]):
+        nonlocal n_encoded
+        start = time.perf_counter()
+        reps = encoder.encode_docs(texts, batch_size=options.batch_size, show_progress=False)
+        seconds.append(time.perf_counter() - start)
+        n_encoded += len(texts)
+        return reps
+
+    def encode_all() -> None:
+        encode_corpus(
+            encode_fn, data.doc_ids, data.doc_texts, index_dir, describe=describe,
+            progress=options.show_progress,
+        )  # fmt: skip
+
+    if not options.profile_encoding:
+        encode_all()
+        return {}
+    encoder.encode_docs(data.doc_texts[:1], batch_size=1, show_progress=False)  # warm-up
+    with PeakMemory(str(getattr(encoder, "device", "cpu"))) as memory:
+        encode_all()
+        peak = memory.peak_total()
+    encode_s = sum(seconds) if n_encoded else math.nan
+    return {
+        "encode_s": encode_s,
+        "docs_per_s": n_encoded / encode_s if n_encoded else math.nan,
+        "encode_peak_bytes": float(peak),
+    }
+
+
+def _query_latencies(
+    encoder: Any, index: InvertedIndex, texts: list[str], options: SystemOptions
+) -> list[float]:
+    """Seconds per query, each encoded alone and searched to ``latency_k``."""
+    timings = []
+    for text in texts[: options.latency_queries]:
+        start = time.perf_counter()
+        vec = encoder.encode_queries([text], show_progress=False)  # (1, V)
+        index.search(vec, k=options.latency_k, threads=options.threads)
+        timings.append(time.perf_counter() - start)
+    return timings
+
+
 def evaluate_system(
     encoder: Any,
     data: BeirData,
     out_dir: Path,
     system: str,
-    k: int = 1000,
-    batch_size: int = 32,
-    latency_queries: int = 100,
+    options: SystemOptions = SystemOptions(),
     slice_note: str | None = None,
-    backend: str | None = None,
+    describe: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
-    """Encode, index, search and score one encoder on one data set: (metrics, efficiency, run)."""
-    from csplade.index import InvertedIndex, encode_corpus, load_index, write_trec_run
+    """Encode, index, search and score one encoder on one data set: (metrics, efficiency, run).
 
+    Shards go to ``out_dir/<dataset>/index-<system>-<hash>`` (reused when `describe`, the slice and
+    the batch size match; `describe` defaults to ``encoder.describe()``) and the run to
+    ``out_dir/<dataset>/<system>.trec``. Efficiency: query_nnz, doc_nnz, flops, index_mb (shard
+    files), query_p50_ms, query_p95_ms; with ``options.profile_encoding`` also encode_s, docs_per_s,
+    encode_peak_bytes (peak RSS while encoding, weights included; CUDA: peak allocated) and
+    index_bytes (the docs' CSR matrix, :func:`_csr_bytes`).
+    """
     describe = {
-        "encoder": encoder.describe(),
+        "encoder": encoder.describe() if describe is None else describe,
         "dataset": data.name,
         "slice": slice_note,
-        "batch_size": batch_size,
+        "batch_size": options.batch_size,
     }
     index_dir = _index_dir(out_dir / data.name, system, describe)
-
-    def encode_fn(texts: list[str]):
-        return encoder.encode_docs(texts, batch_size=batch_size, show_progress=False)
-
-    encode_corpus(encode_fn, data.doc_ids, data.doc_texts, index_dir, describe=describe)
+    profile = _encode_docs(encoder, data, index_dir, describe, options)
     docs, doc_ids, _manifest = load_index(index_dir)
-    index = InvertedIndex.build(docs, doc_ids, backend=backend)
+    index = InvertedIndex.build(docs, doc_ids, backend=options.backend)
     query_ids = list(data.queries)
     query_texts = [data.queries[q] for q in query_ids]
-    q_reps = encoder.encode_queries(query_texts, batch_size=batch_size, show_progress=True)
-    ranked = index.search_ids(q_reps, query_ids, k=min(k, max(1, len(doc_ids))))
+    q_reps = encoder.encode_queries(
+        query_texts,
+        batch_size=options.query_batch_size or options.batch_size,
+        show_progress=options.show_progress,
+    )  # (Q, V)
+    k = min(options.k, max(1, len(doc_ids)))
+    ranked = index.search_ids(q_reps, query_ids, k=k, threads=options.threads)
     write_trec_run(out_dir / data.name / f"{system}.trec", ranked, tag=system)
     run = {q: dict(pairs) for q, pairs in ranked.items()}
     result = evaluate_run(data.qrels, run, DEFAULT_METRICS)
-    timings = []
-    for text in query_texts[:latency_queries]:
-        start = time.perf_counter()
-        vec = encoder.encode_queries([text], show_progress=False)
-        index.search(vec, k=10)
-        timings.append(time.perf_counter() - start)
+    lat = latency_percentiles(_query_latencies(encoder, index, query_texts, options))
     efficiency = dict(sparsity_stats(q_reps, docs))
-    lat = latency_percentiles(timings)
     efficiency.update(
         {
             "index_mb": _dir_bytes(index_dir) / 2**20,
@@ -160,6 +243,8 @@ def evaluate_system(
             "query_p95_ms": lat["p95_ms"],
         }
     )
+    if options.profile_encoding:
+        efficiency.update(profile, index_bytes=float(_csr_bytes(docs)))
     return dict(result.mean), efficiency, run
 
 
@@ -187,6 +272,22 @@ def _load_settings(out: Path, settings: dict[str, Any]) -> tuple[dict, dict]:
     return metrics, efficiency
 
 
+def _check_systems(systems: list[SystemSpec], datasets: list[str]) -> None:
+    if not systems:
+        raise ValueError("nothing to evaluate: give at least one model or --baseline bm25")
+    if not datasets:
+        raise ValueError("no data sets given")
+    names = [s.name for s in systems]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two systems share a name: {names} (use NAME=MODEL)")
+
+
+def _evaluate_bm25(data: BeirData, out: Path, k: int) -> dict[str, float]:
+    run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=k)
+    write_trec_run(out / data.name / "bm25.trec", _ranked(run), tag="bm25")
+    return evaluate_run(data.qrels, run, DEFAULT_METRICS).mean
+
+
 def evaluate(
     systems: list[SystemSpec],
     datasets: list[str],
@@ -203,15 +304,7 @@ def evaluate(
     dtype: str | None = None,
 ) -> dict[str, Path]:
     """Evaluate every system on every data set; write runs, metrics.json, table.md and a chart."""
-    from csplade.model.encoder import SparseEncoder
-
-    if not systems:
-        raise ValueError("nothing to evaluate: give at least one model or --baseline bm25")
-    if not datasets:
-        raise ValueError("no data sets given")
-    names = [s.name for s in systems]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two systems share a name: {names} (use NAME=MODEL)")
+    _check_systems(systems, datasets)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"split": split, "max_docs": max_docs, "max_queries": max_queries, "k": k}
@@ -219,6 +312,10 @@ def evaluate(
     loaded = [(name, load_beir(find_dataset(name), split=split)) for name in datasets]
     sliced = [(name, *slice_data(data, max_docs, max_queries)) for name, data in loaded]
     notes = [note for _, _, note in sliced if note]
+    options = SystemOptions(
+        k=k, batch_size=batch_size, latency_queries=latency_queries, backend=backend
+    )
+    first_model = next((s for s in systems if s.model is not None), None)
     for spec in systems:
         encoder = None
         if spec.model is not None:
@@ -229,28 +326,14 @@ def evaluate(
             (out / data.name).mkdir(parents=True, exist_ok=True)
             logger.info("evaluating %s on %s (%d docs, %d queries)", spec.name, data.name,
                         len(data.doc_ids), len(data.queries))  # fmt: skip
+            eff: dict[str, float] = {}
             if encoder is None:
-                run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=k)
-                from csplade.index import write_trec_run
-
-                write_trec_run(out / data.name / "bm25.trec", _ranked(run), tag="bm25")
-                result = evaluate_run(data.qrels, run, DEFAULT_METRICS).mean
-                eff: dict[str, float] = {}
+                result = _evaluate_bm25(data, out, k)
             else:
                 result, eff, run = evaluate_system(
-                    encoder,
-                    data,
-                    out,
-                    spec.name,
-                    k=k,
-                    batch_size=batch_size,
-                    latency_queries=latency_queries,
-                    slice_note=note,
-                    backend=backend,
+                    encoder, data, out, spec.name, options, slice_note=note
                 )
-                if spec is next(s for s in systems if s.model is not None):
-                    from csplade.index import write_trec_run
-
+                if spec is first_model:
                     write_trec_run(out / data.name / "run.trec", _ranked(run), tag=spec.name)
             metrics.setdefault(spec.name, {})[data.name] = {m: float(v) for m, v in result.items()}
             if eff:
@@ -261,7 +344,5 @@ def evaluate(
         del encoder
     slice_note = "; ".join(notes) if notes else None
     written = write_results(out, metrics, efficiency or None, slice_note=slice_note)
-    tmp = out / f".{SETTINGS_FILE}.tmp"
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, out / SETTINGS_FILE)
+    write_json_atomic(out / SETTINGS_FILE, settings)
     return written

@@ -1,7 +1,7 @@
-"""Retrieval metrics, the BM25 baseline, sparsity/efficiency statistics and result tables.
+"""Retrieval metrics (pytrec_eval), run truncation, sparsity/FLOPS and latency statistics.
 
-What and why: every system csplade compares (SPLADE-style encoders on causal LLMs, CSPLADE's `bi` /
-`echo` variants, BM25) is scored by the same code, so numbers in one table are comparable.
+Every system csplade compares (SPLADE-style encoders on causal LLMs, CSPLADE's `bi` / `echo`
+variants, BM25) is scored by the same code, so numbers in one table are comparable.
 
 Metrics (`evaluate_run`) come from pytrec_eval (Van Gysel & de Rijke, SIGIR 2018), the trec_eval
 port BEIR uses. Names follow pytrec_eval's output names:
@@ -20,11 +20,6 @@ queries in the qrels. A judged query the run has no entry for scores 0 on every 
 are in the run, and BEIR averages over those; pass ``missing="skip"`` to reproduce that. The two
 agree whenever the run answers every judged query. Run queries without judgments are ignored.
 
-BM25 (`bm25_search`) uses bm25s (Lù, 2024) with Lucene's BM25 variant and Anserini's BEIR
-settings k1=0.9, b=0.4. Known limit: no stemming unless a stemmer is passed (PyStemmer is not a
-dependency); Anserini's published SciFact nDCG@10 (0.665 multifield / 0.679 flat) uses Porter
-stemming, the default here reaches about 0.657.
-
 FLOPS (`sparsity_stats`) is the expected number of multiplications in a query-document dot
 product, sum_j p_j(q) * p_j(d), with p_j the fraction of queries (docs) whose vector is non-zero
 at term j: Paria et al., "Minimizing FLOPs to Learn Efficient Sparse Representations" (ICLR
@@ -33,15 +28,11 @@ at term j: Paria et al., "Minimizing FLOPs to Learn Efficient Sparse Representat
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -52,24 +43,6 @@ Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
 
 DEFAULT_METRICS = ("ndcg_cut_10", "recall_100", "recall_1000", "recip_rank_10", "map")
-
-# Short labels for tables; any other metric is shown under its own name.
-METRIC_LABELS = {
-    "ndcg_cut_10": "nDCG@10",
-    "recall_100": "R@100",
-    "recall_1000": "R@1k",
-    "recip_rank_10": "MRR@10",
-    "recip_rank": "MRR",
-    "map": "MAP",
-}
-EFFICIENCY_LABELS = {
-    "query_nnz": "q nnz",
-    "doc_nnz": "d nnz",
-    "flops": "FLOPS",
-    "p50_ms": "p50 ms",
-    "p95_ms": "p95 ms",
-    "mean_ms": "mean ms",
-}
 
 # trec_eval measures that take a cutoff, written `<measure>_<k>` in pytrec_eval's output.
 _CUTOFF_MEASURES = ("ndcg_cut", "recall", "P", "map_cut", "success")
@@ -87,15 +60,23 @@ class EvalResult:
     n_unjudged_run_queries: int = 0  # run queries without judgments (ignored)
 
 
+def _pytrec_eval() -> Any:
+    try:
+        import pytrec_eval
+    except ImportError as exc:
+        raise ImportError(
+            "retrieval metrics need pytrec_eval: pip install 'csplade[eval]' (pytrec-eval-terrier)"
+        ) from exc
+    return pytrec_eval
+
+
 def _parse_metric(name: str) -> tuple[str, int | None]:
     """Metric output name -> (pytrec_eval request string, run cutoff or None).
 
     `recip_rank_K` is special: trec_eval has no cutoff for it, so it is computed as `recip_rank`
     on the run cut to K documents per query.
     """
-    import pytrec_eval
-
-    if name in pytrec_eval.supported_measures:
+    if name in _pytrec_eval().supported_measures:
         return name, None
     match = _CUTOFF_RE.match(name)
     if match:
@@ -147,6 +128,25 @@ def _check_inputs(qrels: Mapping, run: Mapping) -> tuple[Qrels, Run]:
     return clean_qrels, clean_run
 
 
+def _score(qrels: Qrels, run: Run, parsed: dict[str, tuple[str, int | None]]) -> Run:
+    """{query: {metric name: value}} for the judged queries of `run`, one evaluator per cutoff."""
+    per_query: dict[str, dict[str, float]] = {q: {} for q in run}
+    by_cutoff: dict[int | None, dict[str, str]] = {}  # None: the full run
+    for name, (request, cutoff) in parsed.items():
+        by_cutoff.setdefault(cutoff, {})[name] = request
+    for cutoff, names in by_cutoff.items():
+        scored_run = run if cutoff is None else truncate_run(run, cutoff)
+        evaluator = _pytrec_eval().RelevanceEvaluator(qrels, set(names.values()))
+        results = evaluator.evaluate(scored_run)
+        for q in run:
+            values = results.get(q, {})
+            for name, request in names.items():
+                key = request.replace(".", "_")
+                # pytrec_eval omits a query whose run is empty on some versions: that is a 0.
+                per_query[q][name] = float(values.get(key, 0.0))
+    return per_query
+
+
 def evaluate_run(
     qrels: Mapping[str, Mapping[str, int]],
     run: Mapping[str, Mapping[str, float]],
@@ -158,8 +158,6 @@ def evaluate_run(
     Returns per-query values and means under the names in `metrics` (see the module docstring
     for MRR@K and for how judged queries missing from the run are averaged).
     """
-    import pytrec_eval
-
     if missing not in ("zero", "skip"):
         raise ValueError(f"missing must be 'zero' or 'skip', got {missing!r}")
     if not metrics:
@@ -183,22 +181,7 @@ def evaluate_run(
             missing_queries[:3],
         )
 
-    per_query: dict[str, dict[str, float]] = {q: {} for q in judged_run}
-    # One evaluator per cutoff of the run (None = full run).
-    by_cutoff: dict[int | None, dict[str, str]] = {}
-    for name, (request, cutoff) in parsed.items():
-        by_cutoff.setdefault(cutoff, {})[name] = request
-    for cutoff, names in by_cutoff.items():
-        scored_run = judged_run if cutoff is None else truncate_run(judged_run, cutoff)
-        evaluator = pytrec_eval.RelevanceEvaluator(qrels, set(names.values()))
-        results = evaluator.evaluate(scored_run)
-        for q in judged_run:
-            values = results.get(q, {})
-            for name, request in names.items():
-                key = request.replace(".", "_")
-                # pytrec_eval omits a query whose run is empty on some versions: that is a 0.
-                per_query[q][name] = float(values.get(key, 0.0))
-
+    per_query = _score(qrels, judged_run, parsed)
     if missing == "zero":
         for q in missing_queries:
             per_query[q] = dict.fromkeys(metrics, 0.0)
@@ -215,79 +198,6 @@ def evaluate_run(
         missing_queries=missing_queries,
         n_unjudged_run_queries=n_unjudged,
     )
-
-
-def bm25_search(
-    corpus_ids: Sequence[str],
-    texts: Sequence[str],
-    queries: Mapping[str, str],
-    k: int = 1000,
-    k1: float = 0.9,
-    b: float = 0.4,
-    method: str = "lucene",
-    stemmer: Callable[[str], str] | str | None = None,
-    stopwords: str | list[str] | None = "en",
-) -> Run:
-    """BM25 over `texts` for each query in `queries` {id: text}; returns a run {query: {doc: score}}.
-
-    Tokenizer: bm25s's default (lower-case, words of 2+ word characters), English stopwords
-    removed unless `stopwords=None`. `stemmer` is a callable word -> stem, or a PyStemmer
-    algorithm name such as "english" (needs `pip install PyStemmer`). Documents scoring 0 (no
-    query term) are left out of the run rather than padded in arbitrary order; `k` is capped at
-    the corpus size.
-    """
-    import bm25s
-
-    if len(corpus_ids) != len(texts):
-        raise ValueError(f"{len(corpus_ids)} corpus ids but {len(texts)} texts")
-    if not corpus_ids:
-        raise ValueError("the corpus is empty")
-    if len(set(corpus_ids)) != len(corpus_ids):
-        raise ValueError("corpus_ids contains duplicates")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if isinstance(stemmer, str):
-        try:
-            import Stemmer
-        except ImportError:
-            raise ImportError(
-                f"stemmer={stemmer!r} needs PyStemmer: `pip install PyStemmer` "
-                "(or pass a callable word -> stem)"
-            ) from None
-        stemmer = Stemmer.Stemmer(stemmer).stemWord
-
-    tokenizer = bm25s.tokenization.Tokenizer(stopwords=stopwords or [], stemmer=stemmer)
-    doc_tokens = tokenizer.tokenize(list(texts), return_as="string", show_progress=False)
-    retriever = bm25s.BM25(k1=k1, b=b, method=method)
-    retriever.index(doc_tokens, show_progress=False)
-
-    query_ids = list(queries)
-    if not query_ids:
-        return {}
-    # update_vocab=True only grows the tokenizer's word list; the index's vocabulary is fixed and
-    # words it does not know are skipped at retrieval.
-    query_tokens = tokenizer.tokenize(
-        [queries[q] for q in query_ids], return_as="string", update_vocab=True, show_progress=False
-    )
-    # bm25s turns a text with no kept token into [""], and the index holds "" for empty docs too:
-    # drop it so an all-stopword query matches nothing instead of the empty documents.
-    query_tokens = [[t for t in tokens if t] for tokens in query_tokens]
-    top_docs, top_scores = retriever.retrieve(
-        query_tokens, k=min(k, len(corpus_ids)), show_progress=False
-    )  # (Q, k), (Q, k)
-    run: Run = {}
-    n_empty = 0
-    for row, query_id in enumerate(query_ids):
-        hits = {
-            corpus_ids[int(j)]: float(s)
-            for j, s in zip(top_docs[row], top_scores[row], strict=True)
-            if s > 0
-        }
-        n_empty += not hits
-        run[query_id] = hits
-    if n_empty:
-        logger.warning("BM25: %d queries match no document", n_empty)
-    return run
 
 
 def _to_csr(matrix: Any, what: str):
@@ -346,214 +256,3 @@ def latency_percentiles(seconds: Sequence[float]) -> dict[str, float]:
         "p95_ms": float(np.percentile(ms, 95)),
         "mean_ms": float(ms.mean()),
     }
-
-
-# ---------------------------------------------------------------- result tables
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _check_nested(table: Mapping, what: str) -> dict[str, dict[str, dict[str, float]]]:
-    """Validate {system: {dataset: {name: number}}}; returns plain floats."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for system, datasets in table.items():
-        if not isinstance(datasets, Mapping):
-            raise ValueError(f"{what}[{system!r}] must map dataset -> {{metric: value}}")
-        out[str(system)] = {}
-        for dataset, values in datasets.items():
-            if not isinstance(values, Mapping):
-                raise ValueError(f"{what}[{system!r}][{dataset!r}] must map metric -> value")
-            row = {}
-            for name, value in values.items():
-                try:
-                    number = float(value)
-                except (TypeError, ValueError):
-                    raise ValueError(
-                        f"{what}[{system!r}][{dataset!r}][{name!r}] is not a number: {value!r}"
-                    ) from None
-                if not math.isfinite(number):
-                    raise ValueError(
-                        f"{what}[{system!r}][{dataset!r}][{name!r}] is not finite: {value!r}"
-                    )
-                row[str(name)] = number
-            out[str(system)][str(dataset)] = row
-    return out
-
-
-def _ordered_union(groups: Sequence[Mapping[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for group in groups:
-        seen.update(dict.fromkeys(group))
-    return list(seen)
-
-
-def _metric_order(names: Sequence[str], preferred: Sequence[str]) -> list[str]:
-    first = [m for m in preferred if m in names]
-    return first + [m for m in names if m not in first]
-
-
-def _fmt_metric(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def _fmt_efficiency(value: float | None) -> str:
-    if value is None:
-        return "–"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.3g}"
-
-
-def _markdown_table(
-    metrics: dict[str, dict[str, dict[str, float]]],
-    efficiency: dict[str, dict[str, dict[str, float]]],
-    slice_note: str | None,
-) -> str:
-    systems = _ordered_union([metrics, efficiency])
-    datasets = _ordered_union(
-        [datasets for table in (metrics, efficiency) for datasets in table.values()]
-    )
-    # columns: (kind, system, name); metrics of every system first, then efficiency.
-    columns: list[tuple[str, str, str]] = []
-    for kind, table, preferred in (
-        ("metric", metrics, DEFAULT_METRICS),
-        ("efficiency", efficiency, tuple(EFFICIENCY_LABELS)),
-    ):
-        for system in systems:
-            names = _ordered_union(list(table.get(system, {}).values()))
-            columns += [(kind, system, n) for n in _metric_order(names, preferred)]
-
-    def cell_value(kind: str, system: str, dataset: str, name: str) -> float | None:
-        table = metrics if kind == "metric" else efficiency
-        return table.get(system, {}).get(dataset, {}).get(name)
-
-    def label(kind: str, system: str, name: str) -> str:
-        labels = METRIC_LABELS if kind == "metric" else EFFICIENCY_LABELS
-        return f"{system} {labels.get(name, name)}"
-
-    header = ["dataset"] + [label(*c) for c in columns]
-    lines = []
-    if slice_note:
-        lines += [f"> **{slice_note}** (not comparable with full-collection numbers)", ""]
-    lines += [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" + "---:|" * len(columns),
-    ]
-    for dataset in datasets:
-        cells = [dataset]
-        for kind, system, name in columns:
-            value = cell_value(kind, system, dataset, name)
-            cells.append(_fmt_metric(value) if kind == "metric" else _fmt_efficiency(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    # average row: mean over the datasets where the cell exists; marked † when some are missing.
-    cells = ["average"]
-    partial = False
-    for kind, system, name in columns:
-        values = [cell_value(kind, system, d, name) for d in datasets]
-        present = [v for v in values if v is not None]
-        text = _fmt_metric if kind == "metric" else _fmt_efficiency
-        cell = text(sum(present) / len(present)) if present else "–"
-        if present and len(present) < len(datasets):
-            cell += "†"
-            partial = True
-        cells.append(cell)
-    lines.append("| " + " | ".join(cells) + " |")
-    if partial:
-        lines += ["", "† averaged over the datasets this system was run on, not all of them."]
-    return "\n".join(lines) + "\n"
-
-
-def bar_chart(
-    metrics: Mapping[str, Mapping[str, Mapping[str, float]]],
-    metric: str = "ndcg_cut_10",
-    slice_note: str | None = None,
-):
-    """A matplotlib Figure (Agg canvas): one bar group per dataset plus "average", a bar per system.
-
-    The average bar of a system is over the datasets it reports `metric` for.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    systems = [s for s in metrics if any(metric in v for v in metrics[s].values())]
-    datasets = _ordered_union(list(metrics[s] for s in systems))
-    groups = datasets + ["average"]
-    width = 0.8 / max(len(systems), 1)
-    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(systems)) ** 0.5), 4.0))
-    FigureCanvasAgg(fig)  # Agg canvas without touching pyplot's global backend
-    ax = fig.add_subplot()
-    x = np.arange(len(groups))
-    for i, system in enumerate(systems):
-        values = [metrics[system].get(d, {}).get(metric, np.nan) for d in datasets]
-        present = [v for v in values if not np.isnan(v)]
-        values.append(sum(present) / len(present) if present else np.nan)
-        ax.bar(x + (i - (len(systems) - 1) / 2) * width, values, width, label=system)
-    ax.set_xticks(x, groups)
-    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    ax.set_ylim(0, 1)
-    title = METRIC_LABELS.get(metric, metric)
-    ax.set_title(f"{title} ({slice_note})" if slice_note else title)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
-
-
-def write_results(
-    out_dir: str | os.PathLike,
-    metrics: Mapping[str, Mapping[str, Mapping[str, float]]],
-    efficiency: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
-    slice_note: str | None = None,
-    chart_metric: str = "ndcg_cut_10",
-) -> dict[str, Path]:
-    """Write metrics.json, table.md, a bar chart PNG (and efficiency.json when given).
-
-    `metrics` / `efficiency`: {system: {dataset: {name: value}}}. metrics.json holds exactly that
-    structure; table.md has one row per dataset plus an "average" row, the metric columns of each
-    system, then its efficiency columns; `<chart_metric>.png` is a grouped bar chart (one bar
-    per system, one group per dataset plus the average). `slice_note` (e.g. "slice: first 500
-    docs, 50 queries") is printed at the top of table.md and in the chart title. Each file is
-    written atomically. Returns {"metrics", "table", "chart", ("efficiency")} -> path; the chart is
-    skipped with a warning when no system reports `chart_metric`.
-    """
-    metrics = _check_nested(metrics, "metrics")
-    efficiency = _check_nested(efficiency or {}, "efficiency")
-    if not metrics:
-        raise ValueError("metrics is empty: nothing to write")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-
-    def write_json(obj: Any) -> Callable[[Path], None]:
-        return lambda p: p.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-    written["metrics"] = out / "metrics.json"
-    _atomic_write(written["metrics"], write_json(metrics))
-    if efficiency:
-        written["efficiency"] = out / "efficiency.json"
-        _atomic_write(written["efficiency"], write_json(efficiency))
-    table = _markdown_table(metrics, efficiency, slice_note)
-    written["table"] = out / "table.md"
-    _atomic_write(written["table"], lambda p: p.write_text(table, encoding="utf-8"))
-    if any(chart_metric in v for datasets in metrics.values() for v in datasets.values()):
-        written["chart"] = out / f"{chart_metric}.png"
-        _atomic_write(
-            written["chart"],
-            lambda p: bar_chart(metrics, chart_metric, slice_note).savefig(
-                p, format="png", dpi=120
-            ),
-        )
-    else:
-        logger.warning("no system reports %r; no chart written", chart_metric)
-    logger.info("results written to %s", out)
-    return written

@@ -6,7 +6,8 @@ Modules (one concept each):
 - `seismic`   `SeismicSearcher`: approximate top-k with pyseismic-lsr, same contract.
 - `runs`      TREC run files (write/read) and top-k arrays -> run dicts.
 - `export`    Anserini, OpenSearch / Elasticsearch and Qdrant exports.
-- `storage`   atomic writes, checksums, packed id lists (shared helpers).
+- `bm25`      `bm25_search`: BM25 over raw texts (bm25s), the lexical baseline and negative miner.
+- `storage`   reproducible .npz files, checksums, packed id lists (shared helpers).
 
 Typical use:
 
@@ -21,6 +22,7 @@ Typical use:
 require it.
 """
 
+from csplade.index.bm25 import bm25_search
 from csplade.index.inverted import InvertedIndex
 from csplade.index.runs import read_trec_run, topk_to_run, write_trec_run
 from csplade.index.seismic import SeismicConfig, SeismicSearcher
@@ -30,6 +32,7 @@ __all__ = [
     "InvertedIndex",
     "SeismicConfig",
     "SeismicSearcher",
+    "bm25_search",
     "encode_corpus",
     "iter_shards",
     "load_index",

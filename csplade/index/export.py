@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from csplade.index.storage import atomic_write
+from csplade._io import atomic_write
+from csplade.index.shards import iter_shards
 
 logger = logging.getLogger(__name__)
 
@@ -356,8 +357,6 @@ def export_index(
     Files: anserini/docs.jsonl, opensearch/{bulk.ndjson,mapping.json},
     elasticsearch/{bulk.ndjson,mapping.json}, qdrant/docs.jsonl. Returns {name: path}.
     """
-    from csplade.index.shards import iter_shards
-
     out_dir = Path(out_dir)
     unknown = set(formats) - {"anserini", "opensearch", "elasticsearch", "qdrant"}
     if unknown:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from csplade.index.storage import atomic_write
+from csplade._io import atomic_write
 
 Run = dict[str, list[tuple[str, float]]]
 

@@ -45,13 +45,15 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
+from csplade._io import atomic_write
 from csplade.index.storage import (
-    atomic_write,
     fingerprint_ids,
     pack_strings,
     require_unique_ids,
@@ -231,6 +233,185 @@ def _valid_record(out_dir: Path, index: int, record: dict | None, expected_docs:
     return True
 
 
+@dataclass
+class _ShardJob:
+    """What one rank has to do: the settings every shard shares, and the shards it owns."""
+
+    out_dir: Path
+    settings: dict
+    n_shards: int
+    mine: list[int]  # shard ids of this rank
+    own_record: Path  # manifest.json (one process) or manifest.rank{r}.json
+    rank: int
+    world_size: int
+
+    @property
+    def shard_size(self) -> int:
+        return self.settings["shard_size"]
+
+    def shard_docs(self, i: int) -> int:
+        return min(self.shard_size, self.settings["n_docs"] - i * self.shard_size)
+
+    def write_record(
+        self, entries: list[dict | None], vocab_size: int | None, complete: bool
+    ) -> None:
+        _write_json(
+            self.own_record,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "settings": self.settings,
+                "vocab_size": vocab_size,
+                "n_shards": self.n_shards,
+                "complete": complete,
+                "nnz": sum(e["nnz"] for e in entries if e),
+                "shards": entries,
+            },
+        )
+
+
+def _check_arguments(
+    doc_ids: list[str], texts: Sequence[str], describe: dict, shard_size: int,
+    quantize: str | None, scale: float | None, rank: int, world_size: int, barrier,
+) -> None:  # fmt: skip
+    if len(texts) != len(doc_ids):
+        raise ValueError(f"{len(doc_ids)} doc ids but {len(texts)} texts")
+    require_unique_ids(doc_ids, "doc id")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if scale is not None and (quantize != "uint8" or not (scale > 0 and math.isfinite(scale))):
+        raise ValueError(f"scale={scale!r} needs quantize='uint8' and a finite value > 0")
+    if not (world_size >= 1 and 0 <= rank < world_size):
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if world_size > 1 and barrier is None:
+        raise ValueError(
+            "world_size > 1 needs a barrier callable (e.g. accelerator.wait_for_everyone)"
+        )
+    if not isinstance(describe, dict):
+        raise TypeError(f"describe must be a dict, got {type(describe).__name__}")
+
+
+def _plan_job(
+    out_dir: Path, doc_ids: list[str], describe: dict, shard_size: int,
+    quantize: str | None, scale: float | None, rank: int, world_size: int,
+) -> _ShardJob:  # fmt: skip
+    n_docs = len(doc_ids)
+    n_shards = -(-n_docs // shard_size)
+    settings = {
+        "describe": _jsonable(describe, "describe"),
+        "n_docs": n_docs,
+        "shard_size": shard_size,
+        "quantize": quantize,
+        "scale": scale,
+        "doc_ids_sha256": fingerprint_ids(doc_ids),
+    }
+    own_record = out_dir / (MANIFEST if world_size == 1 else _rank_manifest(rank))
+    mine = list(range(rank, n_shards, world_size))
+    return _ShardJob(out_dir, settings, n_shards, mine, own_record, rank, world_size)
+
+
+def _discard(job: _ShardJob) -> None:
+    """`overwrite`: remove this rank's shards and records (rank 0: those no current rank owns)."""
+    out_dir = job.out_dir
+    for i in job.mine:
+        (out_dir / shard_name(i)).unlink(missing_ok=True)
+    job.own_record.unlink(missing_ok=True)
+    if job.rank == 0:
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+        for path in out_dir.glob("manifest.rank*.json"):
+            if int(path.name[len("manifest.rank") : -len(".json")]) >= job.world_size:
+                path.unlink()
+        for path in out_dir.glob("shard-*.npz"):
+            if int(path.stem[len("shard-") :]) >= job.n_shards:
+                path.unlink()
+
+
+def _resume(job: _ShardJob, overwrite: bool) -> tuple[list[dict | None], list[int], int | None]:
+    """(entries of the shards already done, shards still to encode, vocabulary size if known)."""
+    out_dir = job.out_dir
+    # Debris of a run killed in the middle of an atomic write (only this rank's own files: another
+    # rank may be writing its temp files right now).
+    for name in [shard_name(i) for i in job.mine] + [job.own_record.name]:
+        for path in out_dir.glob(f".{name}.*.tmp"):
+            path.unlink(missing_ok=True)
+    # Records from earlier runs: the final manifest and any rank manifests, whoever wrote them.
+    records: dict[int, dict] = {}
+    vocab_size = None
+    if overwrite:
+        _discard(job)
+    else:
+        for path in sorted(out_dir.glob("manifest*.json")):
+            old = _read_json(path)
+            diffs = _settings_diff(old["settings"], job.settings)
+            if diffs:
+                raise ValueError(
+                    f"{path} was written with different settings:\n  " + "\n  ".join(diffs) + "\n"
+                    "Use another out_dir, or pass overwrite=True to discard the existing shards."
+                )
+            vocab_size = vocab_size or old.get("vocab_size")
+            for i, rec in enumerate(old["shards"]):
+                if rec:
+                    records.setdefault(i, rec)
+    entries: list[dict | None] = [None] * job.n_shards
+    todo = []
+    for i in job.mine:
+        if _valid_record(out_dir, i, records.get(i), job.shard_docs(i)):
+            entries[i] = records[i]
+        else:
+            todo.append(i)
+    if len(job.mine) > len(todo):
+        logger.info(
+            "resuming: %d of rank %d's %d shards already done",
+            len(job.mine) - len(todo),
+            job.rank,
+            len(job.mine),
+        )
+    return entries, todo, vocab_size
+
+
+def _encode_shards(
+    job: _ShardJob,
+    encode_fn: Callable[[list[str]], sp.csr_matrix],
+    doc_ids: list[str],
+    texts: Sequence[str],
+    entries: list[dict | None],
+    todo: list[int],
+    vocab_size: int | None,
+    progress: bool,
+) -> int | None:
+    """Encode and write the shards in `todo`, recording each as it lands; returns V."""
+    settings = job.settings
+    bar = tqdm(
+        total=sum(job.shard_docs(i) for i in job.mine),
+        initial=sum(job.shard_docs(i) for i in set(job.mine) - set(todo)),
+        unit="doc",
+        desc=f"encode (rank {job.rank})" if job.world_size > 1 else "encode",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    with bar:
+        for i in todo:
+            lo, hi = i * job.shard_size, i * job.shard_size + job.shard_docs(i)
+            start = time.perf_counter()
+            encoded = _check_encoded(
+                encode_fn(list(texts[lo:hi])), hi - lo, vocab_size, doc_ids[lo:hi], i
+            )
+            vocab_size = vocab_size or encoded.shape[1]
+            entries[i] = _write_shard(
+                job.out_dir / shard_name(i),
+                encoded,
+                doc_ids[lo:hi],
+                settings["quantize"],
+                settings["scale"],
+            )
+            entries[i]["seconds"] = round(time.perf_counter() - start, 3)
+            job.write_record(entries, vocab_size, complete=False)
+            bar.update(hi - lo)
+    return vocab_size
+
+
 def encode_corpus(
     encode_fn: Callable[[list[str]], sp.csr_matrix],
     doc_ids: Sequence[str],
@@ -254,141 +435,23 @@ def encode_corpus(
     """
     out_dir = Path(out_dir)
     doc_ids = list(doc_ids)
-    if len(texts) != len(doc_ids):
-        raise ValueError(f"{len(doc_ids)} doc ids but {len(texts)} texts")
-    require_unique_ids(doc_ids, "doc id")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
-    if scale is not None and (quantize != "uint8" or not (scale > 0 and math.isfinite(scale))):
-        raise ValueError(f"scale={scale!r} needs quantize='uint8' and a finite value > 0")
-    if not (world_size >= 1 and 0 <= rank < world_size):
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    if world_size > 1 and barrier is None:
-        raise ValueError(
-            "world_size > 1 needs a barrier callable (e.g. accelerator.wait_for_everyone)"
-        )
-    if not isinstance(describe, dict):
-        raise TypeError(f"describe must be a dict, got {type(describe).__name__}")
-
-    n_docs = len(doc_ids)
-    n_shards = -(-n_docs // shard_size)
-    settings = {
-        "describe": _jsonable(describe, "describe"),
-        "n_docs": n_docs,
-        "shard_size": shard_size,
-        "quantize": quantize,
-        "scale": scale,
-        "doc_ids_sha256": fingerprint_ids(doc_ids),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    own_record = out_dir / (MANIFEST if world_size == 1 else _rank_manifest(rank))
-    mine = list(range(rank, n_shards, world_size))
-
-    # Debris of a run killed in the middle of an atomic write (only this rank's own files: another
-    # rank may be writing its temp files right now).
-    for name in [shard_name(i) for i in mine] + [own_record.name]:
-        for path in out_dir.glob(f".{name}.*.tmp"):
-            path.unlink(missing_ok=True)
-
-    # Records from earlier runs: the final manifest and any rank manifests, whoever wrote them.
-    records: dict[int, dict] = {}
-    vocab_size = None
-    if overwrite:
-        for i in mine:
-            (out_dir / shard_name(i)).unlink(missing_ok=True)
-        own_record.unlink(missing_ok=True)
-        if rank == 0:  # records and shards that no current rank owns
-            (out_dir / MANIFEST).unlink(missing_ok=True)
-            for path in out_dir.glob("manifest.rank*.json"):
-                if int(path.name[len("manifest.rank") : -len(".json")]) >= world_size:
-                    path.unlink()
-            for path in out_dir.glob("shard-*.npz"):
-                if int(path.stem[len("shard-") :]) >= n_shards:
-                    path.unlink()
-    else:
-        for path in sorted(out_dir.glob("manifest*.json")):
-            old = _read_json(path)
-            diffs = _settings_diff(old["settings"], settings)
-            if diffs:
-                raise ValueError(
-                    f"{path} was written with different settings:\n  " + "\n  ".join(diffs) + "\n"
-                    "Use another out_dir, or pass overwrite=True to discard the existing shards."
-                )
-            vocab_size = vocab_size or old.get("vocab_size")
-            for i, rec in enumerate(old["shards"]):
-                if rec:
-                    records.setdefault(i, rec)
-
-    def shard_docs(i: int) -> int:
-        return min(shard_size, n_docs - i * shard_size)
-
-    entries: list[dict | None] = [None] * n_shards
-    todo = []
-    for i in mine:
-        if _valid_record(out_dir, i, records.get(i), shard_docs(i)):
-            entries[i] = records[i]
-        else:
-            todo.append(i)
-    if len(mine) > len(todo):
-        logger.info(
-            "resuming: %d of rank %d's %d shards already done",
-            len(mine) - len(todo),
-            rank,
-            len(mine),
-        )
-
-    def save_record(complete: bool = False) -> None:
-        total = sum(e["nnz"] for e in entries if e)
-        _write_json(
-            own_record,
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "settings": settings,
-                "vocab_size": vocab_size,
-                "n_shards": n_shards,
-                "complete": complete,
-                "nnz": total,
-                "shards": entries,
-            },
-        )
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=sum(shard_docs(i) for i in mine),
-        initial=sum(shard_docs(i) for i in set(mine) - set(todo)),
-        unit="doc",
-        desc=f"encode (rank {rank})" if world_size > 1 else "encode",
-        disable=not progress,
-        dynamic_ncols=True,
+    _check_arguments(
+        doc_ids, texts, describe, shard_size, quantize, scale, rank, world_size, barrier
     )
-    with bar:
-        for i in todo:
-            lo, hi = i * shard_size, i * shard_size + shard_docs(i)
-            start = time.perf_counter()
-            encoded = _check_encoded(
-                encode_fn(list(texts[lo:hi])), hi - lo, vocab_size, doc_ids[lo:hi], i
-            )
-            vocab_size = vocab_size or encoded.shape[1]
-            entries[i] = _write_shard(
-                out_dir / shard_name(i), encoded, doc_ids[lo:hi], quantize, scale
-            )
-            entries[i]["seconds"] = round(time.perf_counter() - start, 3)
-            save_record()
-            bar.update(hi - lo)
+    job = _plan_job(out_dir, doc_ids, describe, shard_size, quantize, scale, rank, world_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries, todo, vocab_size = _resume(job, overwrite)
+    vocab_size = _encode_shards(job, encode_fn, doc_ids, texts, entries, todo, vocab_size, progress)
     if world_size == 1:
-        save_record(complete=True)
+        job.write_record(entries, vocab_size, complete=True)
         for path in out_dir.glob("manifest.rank*.json"):  # superseded records of a multi-rank run
             path.unlink()
         return _read_json(out_dir / MANIFEST)
-    save_record()
+    job.write_record(entries, vocab_size, complete=False)
     barrier()
     if rank != 0:
         return None
-    return _finalise(out_dir, settings, n_shards, world_size)
+    return _finalise(out_dir, job.settings, job.n_shards, world_size)
 
 
 def _finalise(out_dir: Path, settings: dict, n_shards: int, world_size: int) -> dict:

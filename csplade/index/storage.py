@@ -1,9 +1,7 @@
-"""Small on-disk helpers shared by the index modules: atomic writes, checksums, packed strings.
+"""On-disk helpers shared by the index modules: reproducible .npz files, checksums, packed ids.
 
-Every file the index package writes goes through `atomic_write`: the bytes land in a temporary file
-in the destination's own directory, are flushed and fsync'ed, and only then `os.replace`d over the
-final name. A crash therefore leaves either the old file or the new one, never half of one; a stray
-`.<name>.*.tmp` file is the only possible debris.
+Every file the index package writes goes through :func:`csplade._io.atomic_write` (a crash leaves
+the old file or the new one, never half of one).
 
 `.npz` files are written with fixed zip timestamps, so identical arrays give identical bytes: a
 re-encoded shard has the same sha256 as the original.
@@ -17,46 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import IO
+from collections.abc import Iterable
 
 import numpy as np
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from csplade._io import atomic_write
+
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-
-
-@contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file next to `path`; on a clean exit fsync it and move it over `path`.
-
-    `mode` is "wb" (binary) or "w" (UTF-8 text). On an exception the temporary file is removed and
-    `path` is left untouched.
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        kwargs = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
-        with os.fdopen(fd, mode, **kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:

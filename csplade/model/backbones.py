@@ -31,6 +31,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from csplade._io import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -161,17 +166,8 @@ def prepare(name: str, out: str | Path | None = None, overwrite: bool = False) -
     target = Path(out) if out is not None else cache_dir() / "backbones" / name
     if (target / "config.json").exists() and not overwrite:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         spec.build(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.chmod(0o755)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("prepared %s in %s", name, target)
     return target
 
@@ -213,3 +209,42 @@ _HUB_PATTERNS = [
     "*.txt",
     "*.jinja",
 ]
+
+
+def detect_kind(config: Any) -> str:
+    """'causal' or 'mlm' for a transformers config (from its architectures, else its model type)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return "mlm"
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "causal"
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    masked = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if causal and not masked and not getattr(config, "is_encoder_decoder", False):
+        return "causal"
+    if masked:
+        return "mlm"
+    raise ValueError(
+        f"model type {config.model_type!r} has neither a causal-LM nor a masked-LM head in transformers"
+    )
+
+
+def load_backbone(path: Path, kind: str | None, load_kwargs: dict[str, Any]) -> nn.Module:
+    """The causal-LM or masked-LM model in a Hugging Face folder (`kind` None: detected)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path / 'config.json'} not found: not a Hugging Face model folder"
+        )
+    hf_config = AutoConfig.from_pretrained(
+        path, trust_remote_code=load_kwargs.get("trust_remote_code", False)
+    )
+    kind = kind or detect_kind(hf_config)
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+    return auto.from_pretrained(path, **load_kwargs)

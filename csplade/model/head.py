@@ -50,7 +50,7 @@ Known limits:
   the fused head's peak (282 MiB fp32 at V=128,256, H=576). A frozen head (LoRA) skips it.
 - The naive twin masks with a float multiply (as SPLADE code usually does), so NaN / inf hidden states
   at padded positions poison it; the fused heads zero padded rows first and are immune.
-- Measured on CPU only so far (benchmarks/head_memory.py); GPU figures still to be taken.
+- Memory and time: benchmarks/head_memory.py (CPU), benchmarks/gpu_check.py (GPU).
 """
 
 from __future__ import annotations

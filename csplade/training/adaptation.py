@@ -16,8 +16,7 @@ prediction is a copy task (position i sees token i + 1), so there the LM part is
 prediction (MNTP) as in LLM2Vec (BehnamGhader et al., arXiv 2404.05961), which also gets the model
 used to its new mask. The ``echo`` variant adapts on the plain text (no repetition), like ``uni``.
 
-What is ours. The exact form of the paper's L_relu was not available to us (only summaries of the
-paper were), so we define the activation loss ourselves, tied to the recipe's ``relu_target`` τ:
+The top-k activation loss, tied to the recipe's ``relu_target`` τ:
 
     k        = ceil(τ · V)                                 (V: vocabulary size)
     L_relu   = mean over scored positions p of  (1/k) Σ_{j=1..k} max(0, m − z_p,(j))
@@ -68,29 +67,30 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import Trainer
+from transformers import set_seed
 
+from csplade._io import replace_folder_files
+from csplade.data.beir import find_dataset
+from csplade.data.sampling import ADAPT_OBJECTIVES as OBJECTIVES
+from csplade.data.sampling import IGNORE_INDEX, AdaptationCollator
+from csplade.data.texts import read_texts
 from csplade.model.encoder import SparseEncoder
 from csplade.training.arguments import AdaptationArguments, ModelArguments
+from csplade.training.base import CheckpointingTrainer, NonFiniteLossError, resolve_resume
+from csplade.training.distributed import check_joined
+from csplade.training.loading import load_encoder_for_training
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-OBJECTIVES = ("clm", "mntp")
-LLM2VEC_MASK_TOKEN = "_"
 
 
 def resolve_objective(adapt_objective: str, variant: str) -> str:
@@ -221,155 +221,6 @@ def pooled_nnz(logits: Tensor, counts: Sequence[int]) -> Tensor:
     return torch.stack(per_text).float().mean()
 
 
-def mntp_inputs(
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    mask_ratio: float,
-    mask_token_id: int,
-    special_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Mask tokens for MNTP: ``(masked_input_ids, labels)``, both (B, L).
-
-    Maskable: attended, not a special token, not position 0 (no logits at i − 1 to predict it from).
-    Each maskable token is drawn with probability `mask_ratio`; a row with maskable tokens but no
-    draw gets one (chosen uniformly). Masked tokens become `mask_token_id`; `labels` hold the
-    original token there and IGNORE_INDEX everywhere else. Deterministic given `generator` (None:
-    the global torch RNG).
-    """
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
-        raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
-            "must both be (B, L)"
-        )
-    maskable = attention_mask.bool().clone()  # (B, L)
-    maskable[:, 0] = False
-    if len(special_ids):
-        maskable &= ~torch.isin(
-            input_ids, torch.as_tensor(list(special_ids), dtype=input_ids.dtype)
-        )
-    draws = torch.rand(input_ids.shape, generator=generator)  # (B, L), on CPU
-    masked = maskable & (draws.to(input_ids.device) < mask_ratio)
-    empty = maskable.any(dim=1) & ~masked.any(dim=1)  # (B,)
-    if bool(empty.any()):
-        # one masked token for rows left without any: the maskable position with the smallest draw
-        scores = torch.where(maskable, draws.to(input_ids.device), torch.full_like(draws, 2.0))
-        first = scores.argmin(dim=1)  # (B,)
-        rows = empty.nonzero(as_tuple=True)[0]
-        masked[rows, first[rows]] = True
-    labels = torch.where(masked, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    masked_ids = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
-    return masked_ids, labels
-
-
-def pick_mask_token_id(tokenizer) -> int:
-    """The token MNTP writes over masked positions: mask token, else "_", else pad, else unk."""
-    if getattr(tokenizer, "mask_token_id", None) is not None:
-        return int(tokenizer.mask_token_id)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    blank = tokenizer.convert_tokens_to_ids(LLM2VEC_MASK_TOKEN)
-    if isinstance(blank, int) and blank != unk and blank >= 0:
-        return blank
-    for attr in ("pad_token_id", "unk_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    raise ValueError(
-        "the tokenizer has no mask, '_', pad or unk token to mask with; "
-        "pass mask_token_id explicitly"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Collator
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AdaptationCollator:
-    """Texts -> ``input_ids``, ``attention_mask`` (B, L, right-padded) and ``labels`` (B, L).
-
-    Tokenized with the tokenizer's own special tokens (BOS for Llama-3), truncated to `max_length`
-    tokens. CLM: labels are the input ids, IGNORE_INDEX on padding. MNTP: see :func:`mntp_inputs`.
-    With `seed` the masks come from a private generator (one stream per dataloader worker: seed +
-    worker id); without, from the global torch RNG, which the Trainer seeds and restores on resume.
-    `n_texts` / `n_full` count the texts seen and those that filled `max_length` (were cut, or
-    exactly that long), in this process (not in dataloader workers).
-    """
-
-    tokenizer: Any
-    objective: str = "clm"
-    max_length: int = 256
-    mask_ratio: float = 0.2
-    mask_token_id: int | None = None
-    seed: int | None = None
-    n_texts: int = field(default=0, init=False)
-    n_full: int = field(default=0, init=False)
-    _generator: torch.Generator | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(
-                f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
-            )
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (one prediction), got {self.max_length}")
-        if self.objective == "mntp":
-            if self.mask_token_id is None:
-                self.mask_token_id = pick_mask_token_id(self.tokenizer)
-            if not 0.0 < self.mask_ratio < 1.0:
-                raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(self.tokenizer, "eos_token_id", None)
-        self._pad_id = int(pad) if pad is not None else 0
-        self._special_ids = sorted(set(getattr(self.tokenizer, "all_special_ids", []) or []))
-
-    def _rng(self) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        if self._generator is None:
-            info = torch.utils.data.get_worker_info()
-            self._generator = torch.Generator().manual_seed(
-                self.seed + (info.id if info is not None else 0)
-            )
-        return self._generator
-
-    def __call__(self, examples: Sequence[Any]) -> dict[str, Tensor]:
-        texts = []
-        for i, example in enumerate(examples):
-            text = example["text"] if isinstance(example, dict) else example
-            if not isinstance(text, str):
-                raise TypeError(f"example {i}: expected a str text, got {type(text).__name__}")
-            texts.append(text)
-        encoded = self.tokenizer(
-            texts, add_special_tokens=True, truncation=True, max_length=self.max_length
-        )["input_ids"]
-        self.n_texts += len(encoded)
-        self.n_full += sum(len(ids) >= self.max_length for ids in encoded)
-        width = max([len(ids) for ids in encoded] + [1])
-        input_ids = torch.full((len(texts), width), self._pad_id, dtype=torch.long)  # (B, L)
-        attention_mask = torch.zeros((len(texts), width), dtype=torch.long)  # (B, L)
-        for row, ids in enumerate(encoded):
-            if ids:
-                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, : len(ids)] = 1
-        if self.objective == "clm":
-            labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        else:
-            input_ids, labels = mntp_inputs(
-                input_ids,
-                attention_mask,
-                self.mask_ratio,
-                int(self.mask_token_id),
-                self._special_ids,
-                generator=self._rng(),
-            )
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 # --------------------------------------------------------------------------------------------------
 # Model side
 # --------------------------------------------------------------------------------------------------
@@ -424,14 +275,14 @@ class AdaptationModel(nn.Module):
         )
 
 
-class AdaptationTrainer(Trainer):
+class AdaptationTrainer(CheckpointingTrainer):
     """`transformers.Trainer` for the adaptation phase: LM objective + relu_weight · L_relu.
 
     `encoder` is the SparseEncoder to adapt (LoRA already applied if wanted); the objective comes
     from `adapt_args.adapt_objective` and the encoder's variant (:func:`resolve_objective`). Without
     a `data_collator`, an :class:`AdaptationCollator` is built from `adapt_args`. `train_dataset`
     items are ``{"text": str}`` (or plain strings). `relu_margin` is the m of
-    :func:`activation_loss` (not a recipe key yet). Checkpoints are csplade encoder folders plus the
+    :func:`activation_loss`. Checkpoints are csplade encoder folders plus the
     Trainer's state, with the contrastive trainer's completion marker, so ``resume_from_checkpoint``
     works as it does for ``train``.
     """
@@ -460,11 +311,15 @@ class AdaptationTrainer(Trainer):
                 max_length=self.adapt_args.adapt_max_length,
                 mask_ratio=self.adapt_args.mask_ratio,
             )
-        self.encoder = encoder
+        self._encoder = encoder
         super().__init__(model=AdaptationModel(encoder), args=args, **kwargs)
         # The loss is a mean per micro-batch: let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
-        self._metrics: dict[str, list[Tensor]] = defaultdict(list)
+
+    state_prefix = "encoder."  # the wrapped model is an AdaptationModel
+
+    def encoder(self) -> SparseEncoder:
+        return self._encoder
 
     # The dataset's "text" column is read by the collator, not by the model's forward.
     def _remove_unused_columns(self, dataset, description=None):
@@ -495,7 +350,7 @@ class AdaptationTrainer(Trainer):
         loss = lm + weight * relu
         if not bool(torch.isfinite(loss.detach())):
             lm, relu = lm.detach(), relu.detach()
-            raise _non_finite_error(
+            raise NonFiniteLossError(
                 f"non-finite adaptation loss at optimizer step {self.state.global_step + 1} "
                 f"(epoch {self.state.epoch or 0:.3f}): loss={float(lm + weight * relu):.4g}, "
                 f"{self.objective}={float(lm):.4g}, relu={float(relu):.4g}; lower the learning "
@@ -503,58 +358,11 @@ class AdaptationTrainer(Trainer):
             )
         if model.training:
             counts = positions.sum(dim=1).tolist()
-            self._metrics[self.objective].append(lm.detach())
-            self._metrics["relu"].append(relu.detach())
-            self._metrics["pos_frac"].append(positive_fraction(logits.detach()))
-            self._metrics["nnz"].append(pooled_nnz(logits.detach(), counts))
+            self.record(self.objective, lm)
+            self.record("relu", relu)
+            self.record("pos_frac", positive_fraction(logits.detach()))
+            self.record("nnz", pooled_nnz(logits.detach(), counts))
         return (loss, {"logits": logits}) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._metrics:
-            names = sorted(self._metrics)
-            means = torch.stack([torch.stack(self._metrics[n]).float().mean() for n in names])
-            if self.accelerator.num_processes > 1:
-                means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
-            for name, value in zip(names, means.tolist(), strict=True):
-                logs[name] = value
-            self._metrics.clear()
-        super().log(logs, start_time)
-
-    # -------------------------------------------------------------- checkpoints (csplade's format)
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        if state_dict:  # a DeepSpeed / FSDP gather of the wrapper: keys "encoder.backbone.…"
-            prefix = "encoder."
-            state_dict = {
-                k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)
-            }
-        else:
-            state_dict = None
-        self.encoder.save_pretrained(output_dir, state_dict=state_dict, atomic=False)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _save_checkpoint(self, model, trial) -> None:
-        from csplade.training.contrastive import COMPLETE_MARKER
-
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()
-        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        if self.args.should_save and folder.is_dir():
-            (folder / COMPLETE_MARKER).write_text(str(self.state.global_step))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from csplade.training.contrastive import load_checkpoint_weights
-
-        load_checkpoint_weights(self.encoder, Path(resume_from_checkpoint))
-
-
-def _non_finite_error(message: str) -> Exception:
-    """The contrastive trainer's NonFiniteLossError, so callers catch one type for both phases."""
-    from csplade.training.contrastive import NonFiniteLossError
-
-    return NonFiniteLossError(message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -569,18 +377,13 @@ def _save_final(encoder: SparseEncoder, output_dir: Path) -> None:
     merged model would make transformers load an adapter), then the new files are moved in.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-final-", dir=output_dir.parent))
-    try:
+    with tempfile.TemporaryDirectory(
+        prefix=f".{output_dir.name}-final-", dir=output_dir.parent
+    ) as tmp:
         encoder.save_pretrained(tmp, atomic=False)
-        stale = sorted(p.name for p in output_dir.iterdir() if p.is_file() or p.is_symlink())
-        if stale:
-            logger.info("replacing the files of an earlier save in %s: %s", output_dir, stale)
-        for name in stale:
-            (output_dir / name).unlink()
-        for item in tmp.iterdir():
-            os.replace(item, output_dir / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        stale = replace_folder_files(Path(tmp), output_dir)
+    if stale:
+        logger.info("replaced the files of an earlier save in %s: %s", output_dir, stale)
 
 
 def run_adaptation(
@@ -596,15 +399,6 @@ def run_adaptation(
     is a valid ``model_name_or_path`` for the contrastive ``train``: a merged model when
     ``merge_adapter`` (or without LoRA), else the LoRA adapter over ``model_name_or_path``.
     """
-    from transformers import set_seed
-
-    from csplade.data.groups import read_texts
-    from csplade.training.contrastive import (
-        resolve_data_path,
-        resolve_resume,  # same rules as `train`
-    )
-    from csplade.training.loading import load_encoder_for_training
-
     if not training_args.output_dir:
         raise ValueError("output_dir is required (in the recipe or as --output_dir)")
     if not adapt_args.adapt_data:
@@ -621,7 +415,7 @@ def run_adaptation(
         )
     set_seed(training_args.seed)
     encoder = load_encoder_for_training(model_args)
-    data_path = resolve_data_path(adapt_args.adapt_data)  # a path, or a BEIR name in $CSPLADE_DATA
+    data_path = find_dataset(adapt_args.adapt_data, files=True)  # a path, or a BEIR name
     texts = read_texts(data_path, max_texts=adapt_args.max_adapt_texts)
     if len(texts) == 0:
         raise ValueError(f"{data_path}: no texts to adapt on")
@@ -636,6 +430,7 @@ def run_adaptation(
     trainer = AdaptationTrainer(
         encoder, args=training_args, adapt_args=adapt_args, train_dataset=texts
     )
+    check_joined(trainer.accelerator)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)

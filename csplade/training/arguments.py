@@ -1,13 +1,13 @@
-"""Recipe dataclasses and the recipe parser.
+"""The recipe dataclasses: every key a training recipe may hold.
 
 A recipe is a YAML file whose keys are exactly the field names of these dataclasses (plus those of
 `transformers.TrainingArguments`), grouped by comments (`# Model`, `# LoRA`, `# Loss`, `# Data`,
-`# Training`), in the alignment-handbook style. `csplade train RECIPE.yaml --key value …` overrides keys
-from the command line. An unknown key is an error that names the closest valid one.
+`# Training`), in the alignment-handbook style; :mod:`csplade.training.recipe` reads it.
 
-- :class:`ModelArguments`: the backbone, the encoder's settings (variant, pooling, lengths, prefixes …),
+- :class:`ModelArguments`: the backbone, the encoder's settings (the fields of
+  :class:`csplade.model.config.EncoderSettings`: variant, pooling, lengths, prefixes …),
   precision/quantization and LoRA.
-- :class:`SparsityArguments`: the losses (InfoNCE, distillation) and the sparsity regularizers with their
+- :class:`LossArguments`: the losses (InfoNCE, distillation) and the sparsity regularizers with their
   λ and warm-up.
 - :class:`DataArguments`: where training groups come from and how they are sampled.
 - :class:`AdaptationArguments`: the pre-contrastive adaptation phase.
@@ -16,47 +16,30 @@ from the command line. An unknown key is an error that names the closest valid o
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import difflib
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
+
+from csplade.model.config import DTYPES, EncoderSettings
+from csplade.model.config import check_choice as _choice
+from csplade.quantization.modes import TRAINING_MODES
+from csplade.training.distributed import cpu_only_launch, launched_processes
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}: unknown value {value!r}; allowed: {', '.join(allowed)}")
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(EncoderSettings):
+    """The backbone, the encoder's settings (inherited from EncoderSettings), precision and LoRA."""
+
     # Backbone
     model_name_or_path: str = field(
         default="smollm2-135m",
         metadata={"help": "packaged model name, HF folder, or a csplade checkpoint to start from"},
     )
-    variant: str = field(default="uni", metadata={"help": "uni | echo | bi"})
-    pooling: str = field(default="max", metadata={"help": "max | sum"})
-    query_max_length: int = 64
-    doc_max_length: int = 256
-    query_prefix: str = ""
-    doc_prefix: str = ""
-    doc_only: bool = field(
-        default=False, metadata={"help": "inference-free: queries are IDF-weighted token ids"}
-    )
-    pool_special_tokens: bool | None = None
     head_bias_df: float | None = field(
         default=None,
         metadata={
@@ -64,8 +47,6 @@ class ModelArguments:
             "training documents before training, when the model has none (e.g. 0.01)"
         },
     )
-    fused_head: bool = True
-    head_chunk_size: int | None = None
     model_dtype: str = field(
         default="float32", metadata={"help": "weights dtype: float32 | bfloat16 | float16"}
     )
@@ -93,10 +74,9 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        _choice("variant", self.variant, ("uni", "echo", "bi"))
-        _choice("pooling", self.pooling, ("max", "sum"))
+        super().__post_init__()
         _choice("model_dtype", self.model_dtype, DTYPES)
-        _choice("quantization", self.quantization, QUANTIZATION_MODES)
+        _choice("quantization", self.quantization, TRAINING_MODES)
         if self.quantization != "none" and not self.use_lora:
             raise ValueError(
                 f"quantization={self.quantization!r} trains a quantized backbone, which only works "
@@ -109,24 +89,11 @@ class ModelArguments:
         if self.lora_last_layers is not None and self.lora_last_layers < 1:
             raise ValueError(f"lora_last_layers must be >= 1, got {self.lora_last_layers}")
 
-    def encoder_settings(self) -> dict[str, Any]:
-        """The SparseEncoderConfig fields this recipe sets."""
-        return {
-            "variant": self.variant,
-            "pooling": self.pooling,
-            "query_max_length": self.query_max_length,
-            "doc_max_length": self.doc_max_length,
-            "query_prefix": self.query_prefix,
-            "doc_prefix": self.doc_prefix,
-            "doc_only": self.doc_only,
-            "pool_special_tokens": self.pool_special_tokens,
-            "fused_head": self.fused_head,
-            "head_chunk_size": self.head_chunk_size,
-        }
-
 
 @dataclass
-class SparsityArguments:
+class LossArguments:
+    """The training losses: InfoNCE, distillation, and the sparsity regularizers."""
+
     # Contrastive loss
     contrastive_weight: float = 1.0
     temperature: float = 1.0
@@ -223,123 +190,10 @@ class CspladeTrainingArguments(TrainingArguments):
         # Several processes launched on a machine without GPUs (`accelerate launch --multi_gpu` / a DDP or
         # DeepSpeed config on CPU): the Trainer joins them over gloo only with use_cpu; without it every
         # process would silently train alone.
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched > 1 and not self.use_cpu and not _has_accelerator():
+        if cpu_only_launch() and not self.use_cpu:
             logger.info(
-                "%d processes and no GPU: training on CPU over gloo (use_cpu=True)", launched
+                "%d processes and no GPU: training on CPU over gloo (use_cpu=True)",
+                launched_processes(),
             )
             self.use_cpu = True
         super().__post_init__()
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return (
-        torch.cuda.is_available()
-        or (hasattr(torch, "xpu") and torch.xpu.is_available())
-        or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
-    )
-
-
-def _all_fields(types: tuple[type, ...]) -> dict[str, type]:
-    out: dict[str, type] = {}
-    for cls in types:
-        for f in dataclasses.fields(cls):
-            if f.init:
-                out[f.name] = cls
-    return out
-
-
-def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _check_keys(keys: list[str], valid: dict[str, type], where: str) -> None:
-    for key in keys:
-        if key not in valid:
-            raise ValueError(f"{where}: unknown key {key!r}{_suggest(key, sorted(valid))}")
-
-
-def _coerce(parser: HfArgumentParser, key: str, value: Any) -> Any:
-    """Convert a YAML scalar with the type argparse would use (YAML 1.1 reads 2e-5 as a string)."""
-    action = next((a for a in parser._actions if a.dest == key), None)
-    if action is None or action.type is None or not isinstance(value, str):
-        return value
-    try:
-        return action.type(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"key {key!r}: cannot read {value!r} ({exc})") from exc
-
-
-def parse_overrides(parser: HfArgumentParser, argv: list[str]) -> dict[str, Any]:
-    """`--key value …` (or `--key=value`) into a dict with argparse's types; only the given keys."""
-    valid = {a.dest for a in parser._actions if a.dest != "help"}
-    quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for action in parser._actions:
-        if action.dest == "help":
-            continue
-        kwargs: dict[str, Any] = {"dest": action.dest, "default": argparse.SUPPRESS}
-        if action.nargs is not None and action.nargs != 0:
-            kwargs["nargs"] = action.nargs
-            if action.nargs == "?":
-                kwargs["const"] = action.const
-        elif action.nargs == 0:  # store_true style
-            kwargs["action"] = "store_const"
-            kwargs["const"] = action.const
-        if action.type is not None and action.nargs != 0:
-            kwargs["type"] = action.type
-        if action.choices is not None:
-            kwargs["choices"] = action.choices
-        quiet.add_argument(*action.option_strings, **kwargs)
-    for token in argv:
-        if token.startswith("--"):
-            key = token[2:].split("=", 1)[0].replace("-", "_")
-            if key not in valid:
-                raise ValueError(f"command line: unknown key {key!r}{_suggest(key, sorted(valid))}")
-    try:
-        namespace, rest = quiet.parse_known_args(argv)
-    except SystemExit as exc:
-        raise ValueError(f"command line: cannot parse overrides {argv}") from exc
-    if rest:
-        raise ValueError(f"command line: unexpected arguments {rest}")
-    return vars(namespace)
-
-
-def parse_recipe(
-    recipe: str | Path | None,
-    overrides: list[str] | None = None,
-    types: tuple[type, ...] = (
-        ModelArguments,
-        SparsityArguments,
-        DataArguments,
-        CspladeTrainingArguments,
-    ),
-) -> tuple[Any, ...]:
-    """Read a recipe YAML (or none) plus command-line overrides into instances of `types`."""
-    data: dict[str, Any] = {}
-    where = "recipe"
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} not found")
-        where = str(path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: invalid YAML ({exc})") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a recipe is a mapping of keys to values")
-        data = loaded
-    valid = _all_fields(types)
-    _check_keys(list(data), valid, where)
-    parser = HfArgumentParser(types)
-    data = {k: _coerce(parser, k, v) for k, v in data.items()}
-    data.update(parse_overrides(parser, overrides or []))
-    try:
-        return parser.parse_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: {exc}") from exc

@@ -3,7 +3,7 @@
 LoRA comes from peft. Targets default to every attention and MLP projection of Llama-style blocks
 (q, k, v, o, gate, up, down); names absent from the backbone are dropped with a log line, and a recipe
 whose targets match nothing is an error. `lora_lm_head` adds the LM head (the fused head folds the LoRA
-delta into its weight, see :func:`csplade.model.encoder._head_params`).
+delta into its weight, see :func:`csplade.model.output_head.head_params`).
 
 QLoRA: the backbone is loaded in 4-bit (nf4/fp4) or 8-bit with bitsandbytes (which also runs on CPU) and
 prepared with peft's `prepare_model_for_kbit_training`; the LM head stays in full precision (bitsandbytes
@@ -20,20 +20,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-
+from csplade.model.config import DTYPES
 from csplade.model.encoder import SparseEncoder
 from csplade.quantization.modes import quantization_config
 from csplade.training.arguments import ModelArguments
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
     """The encoder a recipe describes, with LoRA applied when asked (trainable parameters set)."""
-    dtype = _DTYPES[model_args.model_dtype]
+    dtype = DTYPES[model_args.model_dtype]
     backbone_kwargs: dict[str, Any] = {}
     qconfig = quantization_config(model_args.quantization, dtype)
     if qconfig is not None:

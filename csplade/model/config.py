@@ -1,0 +1,103 @@
+"""The encoder's settings: the one place the variant, pooling and dtype names are defined.
+
+:class:`EncoderSettings` holds what a user chooses about an encoder (variant, pooling, lengths,
+prefixes, head); :class:`SparseEncoderConfig` adds what the library records about it (base model,
+backbone kind, adapter, free-form provenance) and is saved as ``csplade_config.json`` beside the
+weights. A training recipe's ``ModelArguments`` inherits :class:`EncoderSettings`, so the recipe keys
+and the saved settings are the same fields, declared once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+VARIANTS = ("uni", "echo", "bi")
+POOLINGS = ("max", "sum")
+BACKBONE_KINDS = ("causal", "mlm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+CONFIG_NAME = "csplade_config.json"
+QUERY_WEIGHTS_NAME = "query_weights.safetensors"
+HEAD_BIAS_NAME = "head_bias.safetensors"
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...] | dict[str, Any]) -> None:
+    """ValueError naming the setting and the allowed values when `value` is not one of them."""
+    if value not in allowed:
+        raise ValueError(f"{name}: unknown value {value!r}; allowed: {', '.join(allowed)}")
+
+
+@dataclass
+class EncoderSettings:
+    """How an encoder turns text into vectors (shared by recipes and saved encoders)."""
+
+    variant: str = field(default="uni", metadata={"help": "uni | echo | bi"})
+    pooling: str = field(default="max", metadata={"help": "max | sum"})
+    query_max_length: int = 64
+    doc_max_length: int = 256
+    query_prefix: str = ""
+    doc_prefix: str = ""
+    doc_only: bool = field(
+        default=False, metadata={"help": "inference-free: queries are IDF-weighted token ids"}
+    )
+    pool_special_tokens: bool | None = field(
+        default=None, metadata={"help": "None: True for MLM backbones, False for causal ones"}
+    )
+    fused_head: bool = field(
+        default=True, metadata={"help": "the chunked head of csplade.model.head (False: naive)"}
+    )
+    head_chunk_size: int | None = field(
+        default=None, metadata={"help": "vocab chunk of the fused head (None: its default)"}
+    )
+
+    def __post_init__(self) -> None:
+        check_choice("variant", self.variant, VARIANTS)
+        check_choice("pooling", self.pooling, POOLINGS)
+        for name in ("query_max_length", "doc_max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def encoder_settings(self) -> dict[str, Any]:
+        """The :class:`EncoderSettings` fields of this object, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(EncoderSettings)}
+
+
+@dataclass
+class SparseEncoderConfig(EncoderSettings):
+    """Everything needed to rebuild an encoder; saved as ``csplade_config.json`` beside the weights."""
+
+    base_model: str = ""  # the backbone's name or path; for an adapter, the base it applies to
+    backbone_kind: str | None = None  # causal | mlm (None: detected from the backbone's config)
+    adapter: bool = False  # the folder holds a peft adapter over `base_model` (set when saving)
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance (adaptation, quantization …)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backbone_kind is not None:
+            check_choice("backbone_kind", self.backbone_kind, BACKBONE_KINDS)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> SparseEncoderConfig:
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown encoder setting(s) {unknown}; known: {', '.join(cls.field_names())}"
+            )
+        return cls(**data)
+
+    def with_overrides(self, **overrides: Any) -> SparseEncoderConfig:
+        unknown = sorted(set(overrides) - set(self.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown encoder setting(s) {unknown}; known: {', '.join(self.field_names())}"
+            )
+        return replace(self, **overrides)

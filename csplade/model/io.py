@@ -1,0 +1,183 @@
+"""Saving and loading encoder folders, and the fingerprint of an encoder's weights.
+
+A folder holds the backbone (or, for a LoRA adapter, the adapter over ``config.base_model``) as
+transformers/peft save it, the tokenizer, ``csplade_config.json`` (:class:`SparseEncoderConfig`), and,
+where the encoder has them, ``query_weights.safetensors`` (inference-free queries) and
+``head_bias.safetensors`` (the calibrated per-term bias). Weights are safetensors only. A folder is
+written beside its target and renamed into place (:func:`csplade._io.atomic_folder`).
+
+Loading also applies a quantization mode (:mod:`csplade.quantization.modes`): a folder saved
+quantized reloads as saved.
+
+The functions take the encoder (or its class) as their first argument; `SparseEncoder` exposes them
+as ``save_pretrained`` / ``from_pretrained`` / ``fingerprint``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from csplade._io import atomic_folder
+from csplade.model.backbones import load_backbone, resolve_model
+from csplade.model.config import (
+    CONFIG_NAME,
+    HEAD_BIAS_NAME,
+    QUERY_WEIGHTS_NAME,
+    SparseEncoderConfig,
+)
+from csplade.quantization import loading as quantization
+
+
+def save(
+    encoder: Any,
+    save_directory: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    atomic: bool = True,
+) -> None:
+    """Write backbone (or adapter), tokenizer, settings and query weights into one folder.
+
+    `state_dict` is the encoder's state dict when it must come from elsewhere (a DeepSpeed ZeRO-3 or
+    FSDP gather). With `atomic` the folder is written beside the target and renamed into place; the
+    trainers' checkpoints pass `atomic=False` because the Trainer owns that folder.
+    """
+    target = Path(save_directory)
+    if not atomic:
+        target.mkdir(parents=True, exist_ok=True)
+        _write_folder(encoder, target, state_dict)
+        return
+    with atomic_folder(target) as tmp:
+        _write_folder(encoder, tmp, state_dict)
+
+
+def _write_folder(encoder: Any, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+    config = replace(encoder.config, adapter=encoder.is_adapter)
+    if config.adapter and not config.base_model:
+        raise ValueError("cannot save an adapter without config.base_model (the base it needs)")
+    kwargs: dict[str, Any] = {}
+    if state_dict is not None:
+        prefix = "backbone."
+        kwargs["state_dict"] = {
+            k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)
+        }
+    encoder.backbone.save_pretrained(folder, **kwargs)
+    encoder.tokenizer.save_pretrained(folder)
+    (folder / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2, sort_keys=True))
+    if encoder.query_weights is not None:
+        save_file(
+            {"query_weights": encoder.query_weights.detach().cpu().contiguous()},
+            folder / QUERY_WEIGHTS_NAME,
+        )
+    head_bias = encoder.head_bias
+    if state_dict is not None and "head_bias" in state_dict:
+        head_bias = state_dict["head_bias"]
+    if head_bias is not None:
+        save_file(
+            {"head_bias": head_bias.detach().float().cpu().contiguous()},
+            folder / HEAD_BIAS_NAME,
+        )
+
+
+def read_config(folder: Path) -> SparseEncoderConfig | None:
+    """The saved :class:`SparseEncoderConfig` of an encoder folder (None for a plain HF folder)."""
+    config_file = Path(folder) / CONFIG_NAME
+    if not config_file.exists():
+        return None
+    try:
+        saved = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_file}: invalid JSON ({exc})") from exc
+    return SparseEncoderConfig.from_dict(saved, source=str(config_file))
+
+
+def load_head_bias(folder: str | os.PathLike) -> torch.Tensor | None:
+    """The calibrated per-term head bias saved in an encoder folder (None if it has none)."""
+    file = Path(folder) / HEAD_BIAS_NAME
+    return load_file(file)["head_bias"] if file.exists() else None
+
+
+def load_query_weights(folder: str | os.PathLike) -> torch.Tensor | None:
+    file = Path(folder) / QUERY_WEIGHTS_NAME
+    return load_file(file)["query_weights"] if file.exists() else None
+
+
+def load(
+    cls: type,
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    backbone_kwargs: dict[str, Any] | None = None,
+    quantization_mode: str = "none",
+    quantize_head: bool = False,
+    **overrides: Any,
+) -> Any:
+    """Load a saved encoder folder, or build a fresh encoder of `cls` over a backbone (name or folder).
+
+    `overrides` are :class:`SparseEncoderConfig` fields (variant, pooling, max lengths, prefixes, …).
+    """
+    path = resolve_model(name_or_path)
+    saved = read_config(path)
+    load_kwargs = dict(backbone_kwargs or {})
+    if dtype is not None:
+        load_kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        load_kwargs["attn_implementation"] = attn_implementation
+    load_kwargs["trust_remote_code"] = trust_remote_code
+    recorded = saved.extra.get(quantization.EXTRA_KEY) if saved is not None else None
+    mode, quantize_head = quantization.resolve_request(
+        recorded, quantization_mode, quantize_head, where=str(path / CONFIG_NAME)
+    )
+    load_kwargs = quantization.backbone_load_kwargs(mode, load_kwargs, path=path, device=device)
+    query_weights = head_bias = None
+    if saved is not None:
+        config = saved.with_overrides(**overrides)
+        if config.adapter:
+            from peft import PeftModel
+
+            base = load_backbone(
+                resolve_model(config.base_model), config.backbone_kind, load_kwargs
+            )
+            backbone = PeftModel.from_pretrained(base, path, is_trainable=False)
+        else:
+            backbone = load_backbone(path, config.backbone_kind, load_kwargs)
+        query_weights = load_query_weights(path)
+        head_bias = load_head_bias(path)
+    else:
+        overrides.setdefault("base_model", str(name_or_path))
+        config = SparseEncoderConfig().with_overrides(**overrides)
+        backbone = load_backbone(path, config.backbone_kind, load_kwargs)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    encoder = cls(backbone, tokenizer, config, query_weights=query_weights, head_bias=head_bias)
+    encoder = quantization.finish_loading(encoder, mode, quantize_head)
+    if device is not None:
+        encoder.to(device)
+    return encoder.eval()
+
+
+def fingerprint(encoder: Any) -> str:
+    """A short hash of a sample of every weight, the query weights and the head bias."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.backbone.state_dict().items()):
+        if not torch.is_tensor(tensor) or tensor.numel() == 0:
+            continue
+        digest.update(name.encode())
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
+        digest.update(sample.tobytes())
+    if encoder.query_weights is not None:
+        digest.update(encoder.query_weights.cpu().numpy().tobytes())
+    if encoder.head_bias is not None:
+        digest.update(encoder.head_bias.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
