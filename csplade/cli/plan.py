@@ -27,9 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--accelerate-config", required=True, help="accelerate config YAML (accelerate_configs/…)"
     )
-    parser.add_argument("--nodes", type=positive, default=None, help="machines (default: the config's)")
     parser.add_argument(
-        "--gpus-per-node", type=positive, default=None, help="GPUs per machine (default: the config's)"
+        "--nodes", type=positive, default=None, help="machines (default: the config's)"
+    )
+    parser.add_argument(
+        "--gpus-per-node",
+        type=positive,
+        default=None,
+        help="GPUs per machine (default: the config's)",
     )
     parser.add_argument(
         "--gpu-memory",
