@@ -359,4 +359,26 @@ def test_folder_saved_by_csplade_0_1_loads(tmp_path):
     )
     assert enc.config.extra == {"adaptation": {"steps": 6}}
     enc.save_pretrained(tmp_path / "again")
-    assert json.loads((tmp_path / "again" / "csplade_config.json").read_text()) == saved
+    resaved = json.loads((tmp_path / "again" / "csplade_config.json").read_text())
+    assert resaved == {**saved, "logit_scale": 1.0}  # settings added since keep their defaults
+
+
+def test_logit_scale_multiplies_logits_before_the_activation(tiny_encoder_factory):
+    plain = tiny_encoder_factory("llama")
+    scaled = tiny_encoder_factory("llama", logit_scale=0.25)
+    scaled.load_state_dict(plain.state_dict())
+    texts = random_texts(4, seed=3)
+    batch = plain.tokenize(texts)
+    batch.pop("n_truncated")
+    with torch.no_grad():
+        hidden, head = plain._hidden_states(batch["input_ids"], batch["attention_mask"])
+        logits = head(hidden).float()  # (B, L, V)
+        mask = batch["pool_mask"].unsqueeze(-1)
+        want = (torch.log1p(torch.relu(0.25 * logits)) * mask).amax(dim=1)
+        got = scaled(**batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # same support as the unscaled model (ReLU's threshold does not move), smaller weights
+    base = plain(**batch)
+    assert torch.equal(base > 0, got > 0) and bool((got <= base).all())
+    with pytest.raises(ValueError, match="logit_scale"):
+        tiny_encoder_factory("llama", logit_scale=0)

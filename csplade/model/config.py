@@ -53,10 +53,19 @@ class EncoderSettings:
     head_chunk_size: int | None = field(
         default=None, metadata={"help": "vocab chunk of the fused head (None: its default)"}
     )
+    logit_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "multiply the LM-head logits by this before log(1 + ReLU): a smaller scale "
+            "gives smaller term weights and scores (e.g. hidden_size ** -0.25); 1: none"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_choice("variant", self.variant, VARIANTS)
         check_choice("pooling", self.pooling, POOLINGS)
+        if not (isinstance(self.logit_scale, (int, float)) and self.logit_scale > 0):
+            raise ValueError(f"logit_scale must be a number > 0, got {self.logit_scale!r}")
         for name in ("query_max_length", "doc_max_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

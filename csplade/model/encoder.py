@@ -234,6 +234,10 @@ class SparseEncoder(nn.Module):
                 weight.dtype if weight.is_floating_point() else torch.float32
             )
             bias = head_bias if bias is None else bias + head_bias
+        scale = self.config.logit_scale
+        if scale != 1.0:  # scale * (W h + b) == W (scale * h) + scale * b
+            hidden = hidden * scale
+            bias = None if bias is None else bias * scale
         return sparse_pool(
             hidden,
             weight,
@@ -252,6 +256,7 @@ class SparseEncoder(nn.Module):
             logits = out_emb(h).float()
             if self.head_bias is not None:
                 logits = logits + self.head_bias
+            logits = logits * self.config.logit_scale
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
             return logits
