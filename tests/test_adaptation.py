@@ -11,6 +11,7 @@ have ~7 of 256 terms (checked as a precondition in `test_sleeping_backbone_preco
 from __future__ import annotations
 
 import json
+import math
 import types
 
 import pytest
@@ -28,13 +29,13 @@ from csplade.data.sampling import (
 from csplade.model import SparseEncoder, SparseEncoderConfig
 from csplade.training.adaptation import (
     AdaptationTrainer,
-    activation_loss,
     clm_loss,
     lm_loss,
     mntp_loss,
     next_token_targets,
     pooled_nnz,
     positive_fraction,
+    relu_loss,
     resolve_objective,
     run_adaptation,
     token_logits,
@@ -95,8 +96,8 @@ def training_args(tmp_path, **overrides) -> CspladeTrainingArguments:
 HELD_OUT = run_texts(16, seed=99)
 
 
-def measure(encoder: SparseEncoder, objective: str, relu_target: float) -> dict[str, float]:
-    """LM loss, activation loss, positive-logit fraction and SPLADE nnz on fixed held-out texts."""
+def measure(encoder: SparseEncoder, objective: str) -> dict[str, float]:
+    """LM loss, L_ReLU, positive-logit fraction and SPLADE nnz on fixed held-out texts."""
     batch = AdaptationCollator(encoder.tokenizer, objective, max_length=32, seed=5)(HELD_OUT)
     targets = next_token_targets(batch["labels"])
     positions = targets != IGNORE_INDEX
@@ -110,7 +111,7 @@ def measure(encoder: SparseEncoder, objective: str, relu_target: float) -> dict[
     encoder.train(was_training)
     return {
         "lm": float(lm_loss(logits, targets[positions])),
-        "relu": float(activation_loss(logits, target=relu_target)),
+        "relu": float(relu_loss(logits, targets[positions])),
         "pos_frac": float(positive_fraction(logits)),
         "nnz": float((reps > 0).sum(dim=1).float().mean()),
     }
@@ -123,35 +124,23 @@ def texts_dataset(n: int = 200, seed: int = 1) -> Dataset:
 # --- pure functions -------------------------------------------------------------------------------
 
 
-def test_activation_loss_hand_values():
-    logits = torch.tensor([[3.0, -1.0, -2.0, -4.0]], requires_grad=True)
-    # target 0.5 of V=4 -> k=2: top-2 logits (3, -1); hinge at 0: (0 + 1) / 2
-    loss = activation_loss(logits, target=0.5)
-    assert loss.item() == pytest.approx(0.5)
+def test_relu_loss_is_the_lm_loss_on_splade_activations():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [-3.0, 1.0, 4.0]], requires_grad=True)
+    targets = torch.tensor([0, 1])
+    # activations: [log 3, 0, 0] and [0, log 2, log 5]
+    want = -(math.log(3 / 5) + math.log(2 / (1 + 2 + 5))) / 2
+    loss = relu_loss(logits, targets)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
     loss.backward()
-    # only the top-k logit still below the margin gets a gradient: -1 / (N * k)
-    assert logits.grad.tolist() == [[0.0, -0.5, 0.0, 0.0]]
-    # margin 1: (max(0, 1 - 3) + max(0, 1 + 1)) / 2
-    assert activation_loss(logits, target=0.5, margin=1.0).item() == pytest.approx(1.0)
-    # a tiny target still keeps k = 1: the best logit (3) is positive -> 0
-    assert activation_loss(logits, target=1e-9).item() == 0.0
-    # target 1: every logit counts: (0 + 1 + 2 + 4) / 4
-    assert activation_loss(logits, target=1.0).item() == pytest.approx(1.75)
-
-
-def test_activation_loss_mask_selects_positions_and_handles_none():
-    logits = torch.tensor([[[3.0, -1.0], [-5.0, -6.0]]])  # (B=1, L=2, V=2)
-    # k = 1: position 0's best logit is 3 (no loss), position 1's is -5
-    assert activation_loss(logits, target=0.5).item() == pytest.approx(2.5)
-    assert activation_loss(logits, torch.tensor([[True, False]]), target=0.5).item() == 0.0
-    assert activation_loss(logits, torch.tensor([[False, True]]), target=0.5).item() == 5.0
-    none = activation_loss(logits.requires_grad_(), torch.zeros(1, 2, dtype=torch.bool))
-    assert none.item() == 0.0
-    none.backward()  # still a graph: an empty micro-batch does not break the step
-    with pytest.raises(ValueError, match="target"):
-        activation_loss(logits, target=0.0)
-    with pytest.raises(ValueError, match="mask"):
-        activation_loss(logits, torch.ones(2, 2, dtype=torch.bool))
+    # ReLU passes no gradient to non-positive logits
+    assert logits.grad[0, 1] == 0 and logits.grad[0, 2] == 0 and logits.grad[1, 0] == 0
+    assert logits.grad[0, 0] < 0 and logits.grad[1, 2] > 0  # the target up, a rival down
+    # the encoder's logit scale applies before the activation: [log 5, 0, 0] for row 0
+    scaled = relu_loss(logits[:1].detach(), targets[:1], logit_scale=2.0)
+    assert scaled.item() == pytest.approx(-math.log(5 / 7), rel=1e-6)
+    # ignored targets are left out, as in the LM loss
+    ignored = relu_loss(logits.detach(), torch.tensor([0, IGNORE_INDEX]))
+    assert ignored.item() == pytest.approx(-math.log(3 / 5), rel=1e-6)
 
 
 def test_positive_fraction_and_pooled_nnz_hand_values():
@@ -304,20 +293,20 @@ def test_objective_resolution():
 
 
 def test_sleeping_backbone_precondition():
-    before = measure(make_encoder(), "clm", relu_target=0.1)
+    before = measure(make_encoder(), "clm")
     assert before["pos_frac"] < 0.03 and before["nnz"] < 15
 
 
 def test_clm_relu_phase_lowers_its_loss_and_wakes_the_head(tmp_path):
-    target, weight = 0.1, 1.0
+    weight = 1.0
     encoder = make_encoder()
-    before = measure(encoder, "clm", target)
-    adapt = AdaptationArguments(relu_weight=weight, relu_target=target)
+    before = measure(encoder, "clm")
+    adapt = AdaptationArguments(relu_weight=weight)
     trainer = AdaptationTrainer(
         encoder, args=training_args(tmp_path), adapt_args=adapt, train_dataset=texts_dataset()
     )
     trainer.train()
-    after = measure(encoder, "clm", target)
+    after = measure(encoder, "clm")
     assert after["lm"] + weight * after["relu"] < before["lm"] + weight * before["relu"] - 0.5
     assert after["lm"] < before["lm"] - 0.3
     assert after["pos_frac"] > 0.1 > 4 * before["pos_frac"]
@@ -327,24 +316,28 @@ def test_clm_relu_phase_lowers_its_loss_and_wakes_the_head(tmp_path):
     assert len(logged) == 4
     for entry in logged:
         assert {"clm", "relu", "pos_frac", "nnz"} <= set(entry) and "mntp" not in entry
-    assert logged[-1]["pos_frac"] > 0.1 and logged[-1]["nnz"] > logged[0]["nnz"]
+    assert logged[-1]["pos_frac"] > 4 * logged[0]["pos_frac"]
+    assert logged[-1]["nnz"] > 4 * logged[0]["nnz"]
+    assert logged[-1]["relu"] < logged[0]["relu"]
 
-    # Control: the same run without the activation loss leaves the head far sleepier.
+    # Control: the same run without L_ReLU leaves the head sleepier.
     control = make_encoder()
     trainer = AdaptationTrainer(
         control,
         args=training_args(tmp_path),
-        adapt_args=AdaptationArguments(relu_weight=0.0, relu_target=target),
+        adapt_args=AdaptationArguments(relu_weight=0.0),
         train_dataset=texts_dataset(),
     )
     trainer.train()
-    assert measure(control, "clm", target)["pos_frac"] < after["pos_frac"] / 3
+    sleepy = measure(control, "clm")
+    assert sleepy["pos_frac"] < after["pos_frac"] / 1.5 and sleepy["nnz"] < after["nnz"]
+    assert sleepy["relu"] > after["relu"]
 
 
 def test_mntp_under_bi_lowers_its_loss(tmp_path):
     encoder = make_encoder("bi")
-    before = measure(encoder, "mntp", 0.1)
-    adapt = AdaptationArguments(adapt_objective="auto", relu_weight=1.0, relu_target=0.1)
+    before = measure(encoder, "mntp")
+    adapt = AdaptationArguments(adapt_objective="auto", relu_weight=1.0)
     trainer = AdaptationTrainer(
         encoder,
         args=training_args(tmp_path, max_steps=60, learning_rate=5e-3),
@@ -353,7 +346,7 @@ def test_mntp_under_bi_lowers_its_loss(tmp_path):
     )
     assert trainer.objective == "mntp"
     trainer.train()
-    after = measure(encoder, "mntp", 0.1)
+    after = measure(encoder, "mntp")
     assert after["lm"] < before["lm"] - 1.0
     assert after["pos_frac"] > 0.1
     assert all("mntp" in h and "clm" not in h for h in trainer.state.log_history if "loss" in h)
@@ -372,7 +365,7 @@ def test_lora_adaptation_moves_the_adapter_only(tmp_path):
     trainer = AdaptationTrainer(
         encoder,
         args=training_args(tmp_path, max_steps=5, learning_rate=1e-2),
-        adapt_args=AdaptationArguments(relu_target=0.1),
+        adapt_args=AdaptationArguments(),
         train_dataset=texts_dataset(40),
     )
     trainer.train()
@@ -454,7 +447,7 @@ def test_run_adaptation_lora_saves_a_loadable_encoder(corpus_and_backbone, tmp_p
         model_name_or_path=str(backbone), use_lora=True, lora_r=4, lora_dropout=0.0
     )
     adapt_args = AdaptationArguments(
-        adapt_data=str(corpus), relu_target=0.1, merge_adapter=merge, max_adapt_texts=40
+        adapt_data=str(corpus), merge_adapter=merge, max_adapt_texts=40
     )
     args = training_args(
         tmp_path, output_dir=str(out), max_steps=6, learning_rate=1e-2, save_strategy="steps"
@@ -498,7 +491,7 @@ def test_run_adaptation_bi_full_finetune(corpus_and_backbone, tmp_path, monkeypa
     out = tmp_path / "adapted-bi"
     path = run_adaptation(
         ModelArguments(model_name_or_path=str(backbone), variant="bi"),
-        AdaptationArguments(adapt_data="mini", relu_target=0.1),
+        AdaptationArguments(adapt_data="mini"),
         training_args(tmp_path, output_dir=str(out), max_steps=4),
     )
     reloaded = SparseEncoder.from_pretrained(path)
@@ -535,7 +528,7 @@ def test_run_adaptation_resumes_exactly(corpus_and_backbone, tmp_path):
     other = tmp_path / "other-backbone"
     sleeping_backbone(seed=1).save_pretrained(other)
     tiny_tokenizer().save_pretrained(other)
-    adapt_args = AdaptationArguments(adapt_data=str(corpus), relu_target=0.1)
+    adapt_args = AdaptationArguments(adapt_data=str(corpus))
 
     def run(start, out, **overrides):
         args = training_args(

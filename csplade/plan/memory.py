@@ -16,7 +16,6 @@ overhead are rough constants.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from csplade.model.head import default_chunk_size
@@ -285,10 +284,10 @@ def _head(arch, workload, cluster, prec, calls, counts, notes) -> tuple[Part, fl
     if workload.phase == "adapt":
         scored = scored_positions(workload)
         cells = scored * arch.vocab
-        k = math.ceil(workload.relu_target * arch.vocab)
-        # logits (compute dtype) + float32 copy + float32 log-softmax; top-k values and indices
-        saved = cells * (a + (4 if a != 4 else 0) + 4) + scored * k * 12
-        transient = cells * (4 + a) + scored * k * 12  # float32 and compute-dtype gradients
+        # logits (compute dtype) + float32 copy + float32 log-softmax, and for L_ReLU the float32
+        # activations and their log-softmax
+        saved = cells * (a + (4 if a != 4 else 0) + 4) + cells * 8
+        transient = cells * (4 + a) + cells * 4  # float32 and compute-dtype gradients
         detail = f"LM head at {scored} scored positions ({workload.adapt_objective})"
     else:
         module_head = cluster.deepspeed and cluster.zero_stage == 3 and counts.head_trainable

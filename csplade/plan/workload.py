@@ -60,7 +60,6 @@ class Workload:
     adapt_objective: str = "clm"
     adapt_length: int = 256
     mask_ratio: float = 0.2
-    relu_target: float = 0.01
     epochs: float = 1.0
     max_steps: int = -1
     examples: int | None = None  # queries (train) or texts (adapt) per epoch
@@ -108,7 +107,6 @@ def read_workload(
             "adapt_objective": _adapt_objective(adapt_args.adapt_objective, model_args.variant),
             "adapt_length": adapt_args.adapt_max_length,
             "mask_ratio": adapt_args.mask_ratio,
-            "relu_target": adapt_args.relu_target,
         }
         data, split, cap = adapt_args.adapt_data, "train", adapt_args.max_adapt_texts
     else:

@@ -1,32 +1,21 @@
 """The pre-contrastive adaptation phase: a short LM run that wakes the SPLADE head up.
 
-Why. A SPLADE vector is ``max_l log(1 + ReLU(logits[l]))``. A pretrained causal LM puts almost all
-of its vocabulary logits below zero (its softmax only needs the few likely next tokens on top), and
-log(1 + ReLU) passes no gradient through a negative logit. Contrastive training started straight
-from such a model sees near-empty vectors, and the few terms that do fire get pushed down by the
-sparsity regularizer until the vectors are all-zero and nothing trains any more ("dying ReLU").
-CSPLADE (Xu et al., arXiv 2504.10816) reports this early collapse and fixes it with a lightweight
-adaptation phase on unlabeled text before contrastive training, with the loss
+Why. A SPLADE vector is ``max_l log(1 + ReLU(logits[l]))``. A pretrained causal LM's head is trained
+for a softmax, which ignores where zero lies: some put almost all logits below zero (no gradient
+through log(1 + ReLU): the "dying ReLU" CSPLADE reports), others above (SmolLM2: dense vectors).
+CSPLADE (Xu et al., arXiv 2504.10816, §3.2) adapts the model on unlabeled text before contrastive
+training with
 
-    L_adapt = L_LM + λ_relu · L_relu
+    L_adapt = L_LM + λ · L_ReLU        (λ = 1 in the paper: recipe key ``relu_weight``)
 
-where L_LM is causal next-token prediction (CLM) and L_relu is a loss on the log-saturated logits
-(as summaries of the paper state it). For the ``bi`` variant (bidirectional attention) next-token
-prediction is a copy task (position i sees token i + 1), so there the LM part is masked next-token
-prediction (MNTP) as in LLM2Vec (BehnamGhader et al., arXiv 2404.05961), which also gets the model
-used to its new mask. The ``echo`` variant adapts on the plain text (no repetition), like ``uni``.
-
-The top-k activation loss, tied to the recipe's ``relu_target`` τ:
-
-    k        = ceil(τ · V)                                 (V: vocabulary size)
-    L_relu   = mean over scored positions p of  (1/k) Σ_{j=1..k} max(0, m − z_p,(j))
-
-where z_p,(j) is the j-th largest logit at position p and m a margin (0 by default). It is zero
-exactly when at least k logits per token are above m, i.e. when at least a fraction τ of the
-vocabulary is "alive" (positive, so it carries gradient through log(1 + ReLU)); below that it lifts
-the top-k logits, which are the terms most plausible for the token, rather than arbitrary ones. It
-never pushes logits down: keeping vectors sparse is the job of the FLOPS regularizer in the
-contrastive phase. See :func:`activation_loss`.
+where L_LM is next-token cross-entropy on the logits z and L_ReLU is the same cross-entropy computed on
+the SPLADE activations a = log(1 + ReLU(s · z)) in place of the logits (``s``: the encoder's
+``logit_scale``; no pooling), both from one forward pass: the target token must win the softmax over
+the activated vocabulary, which lifts its logit above zero and pushes the others to zero. For the
+``bi`` variant (bidirectional attention) next-token prediction is a copy task (position i sees token
+i + 1), so there the LM part is masked next-token prediction (MNTP) as in LLM2Vec (BehnamGhader et
+al., arXiv 2404.05961), which also gets the model used to its new mask; L_ReLU then uses the MNTP
+targets. The ``echo`` variant adapts on the plain text (no repetition), like ``uni``.
 
 MNTP details (LLM2Vec; ours where noted): a fraction ``mask_ratio`` (20%) of the real, non-special
 tokens is replaced by a mask token, and masked token i is predicted from the logits at position
@@ -38,11 +27,11 @@ Mistral), else the pad token, else unk. Ours: every masked token is replaced by 
 (it has no i−1); a text with maskable tokens but no draw gets one masked token, so every text
 contributes (this lifts the ratio above 20% for very short texts).
 
-The activation loss is computed on the same positions as the LM loss (every token with a next token
-under CLM, the positions in front of masked tokens under MNTP), so no extra logits are built for it.
+L_ReLU is computed on the same positions as the LM loss (every token with a next token under CLM,
+the positions in front of masked tokens under MNTP), so no extra hidden states are built for it.
 
-Logged (averaged over the micro-batches since the last log, this process's view): ``clm`` or
-``mntp``, ``relu`` (unweighted L_relu), ``pos_frac`` (fraction of positive logits at the scored
+Logged (averaged over the micro-batches since the last log and over the processes): ``clm`` or
+``mntp``, ``relu`` (unweighted L_ReLU), ``pos_frac`` (fraction of positive logits at the scored
 positions) and ``nnz`` (mean number of vocabulary terms positive at one or more scored positions of
 a text: the non-zeros of its SPLADE max-pooled vector, over the scored positions only; under MNTP
 over the masked input).
@@ -50,10 +39,10 @@ over the masked input).
 Memory. The head is applied only at the scored positions: logits (N, V) in the model dtype, N =
 scored tokens in the micro-batch (all tokens for CLM, ~mask_ratio of them for MNTP); no (B, L, V)
 tensor of the whole batch is built. The cross entropy then makes a float32 copy and keeps the
-float32 log-softmax for backward (both alive for a moment), and backward builds an (N, V) gradient.
-Example, Llama-3 (V = 128,256), CLM over 8 × 256 tokens in bf16: 0.5 GB of logits, up to 2 GB of
-float32 in the forward, 1 GB kept for backward. The top-k of L_relu keeps only (N, k) values and
-indices (k = 1,283 for τ = 1%). Known limit: no fused linear + cross-entropy kernel (chunking over
+float32 log-softmax for backward (both alive for a moment), and backward builds an (N, V) gradient;
+L_ReLU adds the same again for the activations. Example, Llama-3 (V = 128,256), CLM over 8 × 256
+tokens in bf16: 0.5 GB of logits, up to 4 GB of float32 in the forward, 2 GB kept for backward.
+Known limit: no fused linear + cross-entropy kernel (chunking over
 positions would bound this further).
 
 Other limits: the loss is a mean per micro-batch (token-weighted within it, not across
@@ -66,7 +55,6 @@ the gathered state dict the Trainer passes.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -85,6 +73,7 @@ from csplade.data.sampling import ADAPT_OBJECTIVES as OBJECTIVES
 from csplade.data.sampling import IGNORE_INDEX, AdaptationCollator
 from csplade.data.texts import read_texts
 from csplade.model.encoder import SparseEncoder
+from csplade.model.head import splade_activation
 from csplade.training.arguments import AdaptationArguments, ModelArguments
 from csplade.training.base import CheckpointingTrainer, NonFiniteLossError, resolve_resume
 from csplade.training.distributed import check_joined
@@ -172,25 +161,12 @@ def _select(logits: Tensor, mask: Tensor | None) -> Tensor:
     return logits[mask.to(device=logits.device, dtype=torch.bool)]
 
 
-def activation_loss(
-    logits: Tensor, mask: Tensor | None = None, target: float = 0.01, margin: float = 0.0
-) -> Tensor:
-    """Hinge that keeps at least a fraction `target` of each token's logits above `margin` (ours).
+def relu_loss(logits: Tensor, targets: Tensor, logit_scale: float = 1.0) -> Tensor:
+    """CSPLADE's L_ReLU: the LM cross entropy on log(1 + ReLU(scale · logits)) instead of the logits.
 
-    For each selected position: k = ceil(target · V); the mean over its k largest logits z of max(0,
-    margin − z); then the mean over positions. `logits` (..., V), `mask` (...) bool (None: all). The
-    gradient reaches only the top-k logits that are still below the margin. Zero (with a graph) when
-    no position is selected.
+    `logits` (..., V) and `targets` (...) aligned as for :func:`lm_loss`.
     """
-    if not 0.0 < target <= 1.0:
-        raise ValueError(f"target must be in (0, 1], got {target}")
-    rows = _select(logits, mask)  # (N, V)
-    if rows.shape[0] == 0:
-        return logits.sum() * 0.0
-    vocab = rows.shape[-1]
-    k = min(vocab, max(1, math.ceil(target * vocab)))
-    top = rows.topk(k, dim=-1, sorted=False).values.float()  # (N, k)
-    return torch.relu(margin - top).mean()
+    return lm_loss(splade_activation(logits.float() * logit_scale), targets)
 
 
 @torch.no_grad()
@@ -281,8 +257,7 @@ class AdaptationTrainer(CheckpointingTrainer):
     `encoder` is the SparseEncoder to adapt (LoRA already applied if wanted); the objective comes
     from `adapt_args.adapt_objective` and the encoder's variant (:func:`resolve_objective`). Without
     a `data_collator`, an :class:`AdaptationCollator` is built from `adapt_args`. `train_dataset`
-    items are ``{"text": str}`` (or plain strings). `relu_margin` is the m of
-    :func:`activation_loss`. Checkpoints are csplade encoder folders plus the
+    items are ``{"text": str}`` (or plain strings). Checkpoints are csplade encoder folders plus the
     Trainer's state, with the contrastive trainer's completion marker, so ``resume_from_checkpoint``
     works as it does for ``train``.
     """
@@ -292,7 +267,6 @@ class AdaptationTrainer(CheckpointingTrainer):
         encoder: SparseEncoder,
         args,
         adapt_args: AdaptationArguments | None = None,
-        relu_margin: float = 0.0,
         **kwargs: Any,
     ) -> None:
         self.adapt_args = adapt_args or AdaptationArguments()
@@ -301,9 +275,6 @@ class AdaptationTrainer(CheckpointingTrainer):
             raise ValueError("the adaptation phase is for causal LM backbones (not masked LMs)")
         if self.adapt_args.relu_weight < 0:
             raise ValueError(f"relu_weight must be >= 0, got {self.adapt_args.relu_weight}")
-        if not 0.0 < self.adapt_args.relu_target <= 1.0:
-            raise ValueError(f"relu_target must be in (0, 1], got {self.adapt_args.relu_target}")
-        self.relu_margin = relu_margin
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = AdaptationCollator(
                 encoder.tokenizer,
@@ -336,17 +307,11 @@ class AdaptationTrainer(CheckpointingTrainer):
             attention_mask=inputs["attention_mask"],
             positions=positions,
         )  # (N, V)
-        lm = lm_loss(logits, targets[positions.to(targets.device)])
+        scored = targets[positions.to(targets.device)]  # (N,)
+        lm = lm_loss(logits, scored)
         weight = self.adapt_args.relu_weight
-        if weight > 0:
-            relu = activation_loss(
-                logits, target=self.adapt_args.relu_target, margin=self.relu_margin
-            )
-        else:
-            with torch.no_grad():
-                relu = activation_loss(
-                    logits, target=self.adapt_args.relu_target, margin=self.relu_margin
-                )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
+            relu = relu_loss(logits, scored, self._encoder.config.logit_scale)
         loss = lm + weight * relu
         if not bool(torch.isfinite(loss.detach())):
             lm, relu = lm.detach(), relu.detach()
@@ -420,10 +385,9 @@ def run_adaptation(
     if len(texts) == 0:
         raise ValueError(f"{data_path}: no texts to adapt on")
     logger.info(
-        "adaptation: %s + %g * relu (target %.3g of the vocabulary) on %d texts from %s",
+        "adaptation: %s + %g * relu on %d texts from %s",
         objective,
         adapt_args.relu_weight,
-        adapt_args.relu_target,
         len(texts),
         data_path,
     )

@@ -157,9 +157,9 @@ class AdaptationArguments:
     adapt_objective: str = field(default="auto", metadata={"help": "auto | clm | mntp"})
     adapt_max_length: int = 256
     mask_ratio: float = 0.2
-    relu_weight: float = field(default=0.1, metadata={"help": "λ_relu of the activation loss"})
-    relu_target: float = field(
-        default=0.01, metadata={"help": "target fraction of positive logits per token"}
+    relu_weight: float = field(
+        default=1.0,
+        metadata={"help": "λ of L_ReLU, the LM loss on log(1 + ReLU(logits)) (CSPLADE: 1)"},
     )
     max_adapt_texts: int | None = None
     merge_adapter: bool = field(
@@ -170,6 +170,8 @@ class AdaptationArguments:
         _choice("adapt_objective", self.adapt_objective, ("auto", "clm", "mntp"))
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.relu_weight < 0:
+            raise ValueError(f"relu_weight must be >= 0, got {self.relu_weight}")
 
 
 @dataclass
