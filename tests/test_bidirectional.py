@@ -15,6 +15,8 @@ positions (max abs diff ~1e-6). flash_attention_2 runs only where flash_attn and
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 
 import pytest
 import torch
@@ -416,3 +418,39 @@ def test_a_transformers_that_ignores_the_switch_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="is_causal"):
         make_bidirectional(model)
     assert not is_bidirectional(model)
+
+
+def test_the_probe_passes_no_deprecated_keyword():
+    """transformers 5.24 renamed create_causal_mask's `past_key_values` to `cache` (the old name
+    warns and goes in 5.40): the probe of make_bidirectional uses the installed name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = make_bidirectional(tiny_model("llama"))
+    assert is_bidirectional(model)
+
+
+@pytest.mark.parametrize("variant", ["uni", "echo"])
+def test_a_bi_checkpoint_loaded_as_another_variant_attends_causally(tmp_path, variant):
+    """A `bi` folder keeps is_causal: false in its config.json (plain transformers reloads it
+    bidirectional); csplade loads it as the variant asked for, causal for uni and echo."""
+    from tiny import tiny_tokenizer
+
+    from csplade.model import SparseEncoder, SparseEncoderConfig
+
+    bi = SparseEncoder(tiny_model("llama"), tiny_tokenizer(), SparseEncoderConfig(variant="bi"))
+    bi.save_pretrained(tmp_path / "bi")
+    assert json.loads((tmp_path / "bi" / "config.json").read_text())["is_causal"] is False
+    assert is_bidirectional(AutoModelForCausalLM.from_pretrained(tmp_path / "bi"))
+    loaded = SparseEncoder.from_pretrained(tmp_path / "bi", variant=variant)
+    assert loaded.config.variant == variant and not is_bidirectional(loaded.backbone)
+    fresh = SparseEncoder(
+        tiny_model("llama"), tiny_tokenizer(), SparseEncoderConfig(variant=variant)
+    )  # the same weights, never switched
+    texts = ["aa ab ac ad", "ba bb bc"]
+    got = torch.from_numpy(loaded.encode_docs(texts, show_progress=False).toarray())
+    want = torch.from_numpy(fresh.encode_docs(texts, show_progress=False).toarray())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    as_bi = SparseEncoder.from_pretrained(tmp_path / "bi", variant="bi")
+    assert is_bidirectional(as_bi.backbone)
+    bi_vectors = torch.from_numpy(as_bi.encode_docs(texts, show_progress=False).toarray())
+    assert (bi_vectors - want).abs().max() > 1e-2  # the attention really differs

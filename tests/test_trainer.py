@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,15 +209,28 @@ def test_lora_on_the_last_layers_only(task, tmp_path):
 
 
 def test_head_bias_is_calibrated_then_trained_and_resumed(task, tmp_path):
-    out = run_training(
-        *parse_recipe(
-            None,
-            _args(task, tmp_path / "bias", "--max_steps", "4", "--use_lora", "--lora_r", "4",
-                  "--head_bias_df", "0.05", "--save_steps", "2"),
-        )
-    )  # fmt: skip
+    """The bias is calibrated before training, trains with the adapter, and a run resumed from the
+    step-2 checkpoint (bias, adapter, optimizer, RNG) ends where the uninterrupted run ends."""
+    steps = ("--max_steps", "4", "--use_lora", "--lora_r", "4", "--head_bias_df", "0.05",
+             "--save_steps", "2", "--logging_steps", "1")  # fmt: skip
+    out = run_training(*parse_recipe(None, _args(task, tmp_path / "bias", *steps)))
     trained = SparseEncoder.from_pretrained(out)
     assert trained.head_bias is not None
     checkpoint = SparseEncoder.from_pretrained(out / "checkpoint-2")
     assert not torch.equal(trained.head_bias, checkpoint.head_bias)  # the bias trains
     assert (out / "head_bias.safetensors").exists()
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    again = run_training(
+        *parse_recipe(None, _args(task, resumed, *steps, "--resume_from_checkpoint", "latest"))
+    )
+    info = json.loads((again / "run_info.json").read_text())
+    assert info["resumed_from"] == str(resumed / "checkpoint-2") and info["global_step"] == 4
+    logged = [h["step"] for h in info["log_history"] if "contrastive" in h]
+    assert logged == [1, 2, 3, 4]  # 1-2 restored with the checkpoint's state, 3-4 run once
+    want, got = _weights(out), _weights(again)
+    assert want.keys() == got.keys() and "head_bias" in got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)

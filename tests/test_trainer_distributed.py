@@ -1,4 +1,5 @@
-"""Training under `accelerate launch` with 2 processes on CPU (gloo): DDP and DeepSpeed ZeRO.
+"""Training under `accelerate launch` with 2 processes on CPU (gloo): DDP and DeepSpeed ZeRO (more
+ZeRO-3 cases: tests/test_zero3.py; FSDP2: tests/test_fsdp.py).
 
 `accelerate launch --cpu --num_processes 2` silently runs ONE process (accelerate's multi-CPU path wants
 mpirun), so these tests launch with `--multi_gpu`, which on a machine without GPUs runs 2 processes over
@@ -20,6 +21,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import (
+    QUERIES,
+    STEPS,
+    assert_same_weights,
+    launch,
+    reference_train_step,
+    sharding_reports,
+    train_args,
+    weights,
+    zero_config,
+)
 from safetensors.torch import load_file
 from synthetic import save_base, write_groups
 
@@ -41,6 +53,7 @@ def setup(tmp_path_factory):
     return {
         "base": save_base(root / "base"),
         "groups": write_groups(root / "groups.jsonl", n=2 * B),
+        "groups3": write_groups(root / "groups3.jsonl", n=2 * QUERIES * STEPS),
     }
 
 
@@ -124,15 +137,25 @@ def test_ddp_runs_a_few_steps_with_lora(setup, tmp_path):
     assert "MULTI_CPU" in info["distributed_type"]  # DDP over gloo: no GPU here
 
 
-@pytest.mark.parametrize("config", ["zero2.yaml", "zero3.yaml"])
-def test_deepspeed_zero_steps_on_cpu(setup, tmp_path, config):
+@pytest.mark.parametrize("shipped", ["zero2.yaml", "zero3.yaml"])
+def test_deepspeed_zero_steps_on_cpu(setup, tmp_path, shipped):
+    """3 SGD steps of a full fine-tune under the ZeRO settings of the shipped config equal one
+    process's steps on the whole batch (1e-5); under ZeRO-3 every parameter is partitioned (the
+    persistence threshold is 0: tests/launching.py) and the fused head runs."""
     pytest.importorskip("deepspeed")
-    out = tmp_path / config.removesuffix(".yaml")
-    info = _launch(
-        setup, out, "--per_device_train_batch_size", "2", "--max_steps", "2", config=config
-    )
-    assert info["world_size"] == 2 and info["global_step"] == 2
+    out = tmp_path / "zero"
+    args = train_args(setup["base"], setup["groups3"], out, "--head_chunk_size", "64")
+    probes = ("--sharding-report", "--no-vocab-tensors", "256")
+    launch(zero_config(tmp_path, shipped), "train", *args, probes=probes)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["global_step"] == STEPS
     assert "DEEPSPEED" in info["distributed_type"]
+    for report in sharding_reports(out):
+        partitioned = report["parameters"] if shipped == "zero3.yaml" else 0
+        assert report["sharded"] == partitioned, report
+        assert report["head_calls"] == {"fused": 2 * STEPS}, report
+    want = reference_train_step(setup["base"], setup["groups3"], tmp_path / "reference")
+    assert_same_weights(weights(out), want)
     reloaded = SparseEncoder.from_pretrained(out)
     vec = reloaded.encode_docs(["aa ab ac"], show_progress=False)
     assert vec.nnz > 0

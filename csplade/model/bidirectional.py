@@ -25,7 +25,8 @@ wrapper (same config object), and is written by `save_pretrained`: reloading the
 transformers gives the bidirectional model again. A single call can still run causally with
 `model(..., is_causal=True)`. Before switching, `make_bidirectional` probes the installed transformers
 and raises if its mask factory ignores the switch (an older release would otherwise stay silently
-causal).
+causal). `make_causal` switches back: csplade loads a checkpoint saved by `bi` as any other variant
+through it, so the variant asked for, not the saved config, decides the attention.
 
 Sliding-window layers (Mistral with `sliding_window` set, Gemma3's local layers): we keep them local and
 make the window symmetric, as transformers defines it for bidirectional sliding layers: with window W a
@@ -51,6 +52,7 @@ Known limits:
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -102,6 +104,13 @@ def _natively_bidirectional(config) -> bool:
     return bool(getattr(config, "use_bidirectional_attention", False))
 
 
+def _cache_keyword() -> str:
+    """`create_causal_mask`'s name for the KV cache: `cache` (transformers 5.24 on; the old name
+    `past_key_values` warns there and goes in 5.40), `past_key_values` before."""
+    parameters = inspect.signature(masking_utils.create_causal_mask).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def _check_transformers_honours_is_causal() -> None:
     """Fail loudly where `config.is_causal = False` would be silently ignored (transformers before
     the switch existed, huggingface/transformers#43705): ask the mask factory for a 3-token mask
@@ -109,8 +118,9 @@ def _check_transformers_honours_is_causal() -> None:
     probe = PreTrainedConfig()
     probe._attn_implementation = "eager"
     probe.is_causal = False
+    no_cache = {_cache_keyword(): None}
     mask = masking_utils.create_causal_mask(
-        probe, torch.zeros(1, 3, 1), torch.tensor([[1, 1, 0]]), past_key_values=None
+        probe, torch.zeros(1, 3, 1), torch.tensor([[1, 1, 0]]), **no_cache
     )  # (1, 1, 3, 3) additive
     if mask is None or mask[0, 0, 0, 1] != 0:
         raise RuntimeError(
@@ -145,4 +155,30 @@ def make_bidirectional(model: nn.Module) -> nn.Module:
         _check_transformers_honours_is_causal()
         config.is_causal = False
         logger.info("%s switched to bidirectional attention", config.model_type)
+    return model
+
+
+def make_causal(model: nn.Module) -> nn.Module:
+    """Undo :func:`make_bidirectional` in place (``config.is_causal = True``) and return `model`.
+
+    A checkpoint saved by the ``bi`` variant keeps ``is_causal: false`` in its ``config.json``;
+    loaded as another variant it must attend causally again (:func:`csplade.model.io.load` calls
+    this). Only the allow-listed architectures that csplade switches are touched; a Gemma3 checkpoint
+    bidirectional by its own flag cannot be made causal and stays as it is (with a warning); any
+    other model is returned unchanged.
+    """
+    config = _unwrap(model).config
+    if getattr(config, "model_type", None) not in SUPPORTED_ARCHITECTURES:
+        return model
+    if _natively_bidirectional(config):
+        logger.warning(
+            "%s is bidirectional by its own config (use_bidirectional_attention) and stays so",
+            config.model_type,
+        )
+        return model
+    if getattr(config, "is_causal", True) is False:
+        config.is_causal = True
+        logger.info(
+            "%s was saved bidirectional: switched back to causal attention", config.model_type
+        )
     return model

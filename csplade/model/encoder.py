@@ -17,13 +17,16 @@ Inference-free models (``doc_only=True``, arXiv 2411.04403): the query side does
 vector holds, for each distinct token of the query, a stored per-token weight (IDF by default; 1 if none).
 
 Known limits: the fused head needs a plain floating-point LM-head weight (a quantized head falls back to
-calling the module, chunked over positions when no gradient is needed).
+calling the module, with a warning once, chunked over positions when no gradient is needed). Sharded
+weights (DeepSpeed ZeRO-3, FSDP2) are gathered by the engines themselves: see
+:mod:`csplade.model.output_head`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, replace
 from typing import Any
@@ -39,10 +42,24 @@ from csplade.model import io as model_io
 from csplade.model.backbones import detect_kind
 from csplade.model.bidirectional import make_bidirectional
 from csplade.model.config import SparseEncoderConfig
-from csplade.model.head import sparse_pool, splade_activation
-from csplade.model.output_head import head_params, softcap_of, unwrap, vocab_size
+from csplade.model.head import sparse_pool
+from csplade.model.output_head import (
+    HeadCall,
+    head_parameters,
+    head_params,
+    is_partitioned,
+    module_head,
+    naive_reason,
+    softcap_of,
+    unwrap,
+    vocab_size,
+    warn_module_head,
+)
 
 logger = logging.getLogger(__name__)
+
+
+_PLURAL = {"query": "queries", "doc": "docs"}
 
 
 class _HeadReached(Exception):
@@ -89,6 +106,9 @@ class SparseEncoder(nn.Module):
             self.register_parameter("head_bias", None)
         if config.variant == "bi":
             make_bidirectional(backbone)
+        # The head runs as this module's call, so ZeRO-3 gathers its weight (csplade.model.output_head).
+        self.head_call = HeadCall()
+        self.head_calls: Counter[str] = Counter()  # head path -> calls: fused | naive | module
         self._fingerprint: str | None = None
 
     def _per_term(self, values: Any, name: str) -> torch.Tensor | None:
@@ -213,19 +233,37 @@ class SparseEncoder(nn.Module):
             pool_mask = attention_mask.bool()
         hidden, out_emb = self._hidden_states(input_ids, attention_mask)  # (B, L, H)
         pool_mask = pool_mask.to(hidden.device) & attention_mask.bool().to(hidden.device)
-        params = head_params(out_emb)
         softcap = softcap_of(self.base_model)
-        if params is not None and hasattr(params[0], "ds_id"):  # DeepSpeed ZeRO-3 partitioned head
-            if params[0].requires_grad:
-                logger.debug("ZeRO-3 with a trainable LM head: using the module head")
-                return self._module_head(hidden, out_emb, pool_mask, softcap)
-            import deepspeed
+        params = head_parameters(out_emb)
+        if params is None:
+            self._count_head("module", naive_reason(out_emb))
+            return self._module_head(hidden, out_emb, pool_mask, softcap)
+        if any(is_partitioned(p) for p in params):  # ZeRO-3: head_call's hooks gather them
+            self.head_call.register(params)
+        self._count_head("fused" if self.config.fused_head else "naive")
+        return self.head_call(self._head_from_weight, hidden, pool_mask, out_emb, softcap)
 
-            with deepspeed.zero.GatheredParameters([p for p in params if p is not None]):
-                return self._pool(hidden, params, pool_mask, softcap)
-        if params is not None:
-            return self._pool(hidden, params, pool_mask, softcap)
-        return self._module_head(hidden, out_emb, pool_mask, softcap)
+    def _count_head(self, path: str, reason: str | None = None) -> None:
+        """Count which head ran; the (B, L, V) module fallback under autograd warns once per reason."""
+        self.head_calls[path] += 1
+        if path == "module" and torch.is_grad_enabled():
+            warn_module_head(reason, self.vocab_size)
+
+    def head_bias_tensor(self) -> torch.Tensor | None:
+        """A float32 copy (V,) of the head bias made in a module call (gradient flows to it), or None.
+
+        For code that uses the bias outside this encoder's forward (the adaptation loss): under
+        ZeRO-3 the parameter itself is a partition there; :attr:`head_call` gathers it for the copy.
+        """
+        if self.head_bias is None:
+            return None
+        if is_partitioned(self.head_bias):
+            self.head_call.register([self.head_bias])
+        return self.head_call(lambda: self.head_bias.float().clone())
+
+    def _head_from_weight(self, hidden, pool_mask, out_emb, softcap) -> torch.Tensor:
+        """The head on the output embeddings' weight (inside :attr:`head_call`, where it is gathered)."""
+        return self._pool(hidden, head_params(out_emb), pool_mask, softcap)
 
     def _pool(self, hidden, params, pool_mask, softcap) -> torch.Tensor:
         weight, bias = params
@@ -251,36 +289,16 @@ class SparseEncoder(nn.Module):
 
     def _module_head(self, hidden, out_emb, pool_mask, softcap) -> torch.Tensor:
         """Head for output embeddings that are not a plain linear map (e.g. a quantized LM head)."""
-
-        def logits_of(h):
-            logits = out_emb(h).float()
-            if self.head_bias is not None:
-                logits = logits + self.head_bias
-            logits = logits * self.config.logit_scale
-            if softcap:
-                logits = softcap * torch.tanh(logits / softcap)
-            return logits
-
-        mask = pool_mask.unsqueeze(-1)  # (B, L, 1)
-        if torch.is_grad_enabled():
-            act = splade_activation(logits_of(hidden)) * mask  # (B, L, V)
-            return act.amax(dim=1) if self.config.pooling == "max" else act.sum(dim=1)
-        result = None
-        # positions per chunk so that one float32 (B, step, V) logits chunk stays near 64 MiB
-        step = max(1, (64 * 2**20) // (4 * hidden.shape[0] * max(1, self.vocab_size)))
-        for start in range(0, hidden.shape[1], step):
-            act = (
-                splade_activation(logits_of(hidden[:, start : start + step]))
-                * mask[:, start : start + step]
-            )
-            part = act.amax(dim=1) if self.config.pooling == "max" else act.sum(dim=1)
-            if result is None:
-                result = part
-            elif self.config.pooling == "max":
-                result = torch.maximum(result, part)
-            else:
-                result = result + part
-        return result
+        return module_head(
+            out_emb,
+            hidden,
+            pool_mask,
+            head_bias=self.head_bias,
+            logit_scale=self.config.logit_scale,
+            softcap=softcap,
+            pooling=self.config.pooling,
+            vocab=self.vocab_size,
+        )
 
     # ------------------------------------------------------------------ head bias
     def raw_max_logits(
@@ -333,7 +351,9 @@ class SparseEncoder(nn.Module):
         blocks: list[sp.csr_matrix] = []
         n_truncated = 0
         device = self.device
-        bar = tqdm(total=len(texts), unit=kind, desc=f"encode {kind}s", disable=not show_progress)
+        bar = tqdm(
+            total=len(texts), unit=kind, desc=f"encode {_PLURAL[kind]}", disable=not show_progress
+        )
         try:
             with torch.inference_mode():
                 for start in range(0, len(order), batch_size):
@@ -352,10 +372,10 @@ class SparseEncoder(nn.Module):
                 self.config.query_max_length if kind == "query" else self.config.doc_max_length
             )
             logger.info(
-                "%d of %d %ss were longer than %d tokens and truncated",
+                "%d of %d %s were longer than %d tokens and truncated",
                 n_truncated,
                 len(texts),
-                kind,
+                _PLURAL[kind],
                 max_len,
             )
         stacked = sp.vstack(blocks, format="csr")
@@ -465,6 +485,10 @@ class SparseEncoder(nn.Module):
     ) -> None:
         """Write the encoder into one folder; see :func:`csplade.model.io.save`."""
         model_io.save(self, save_directory, state_dict=state_dict, atomic=atomic)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload the encoder (saved as by `save_pretrained`, with its card) to the hub."""
+        return model_io.push_to_hub(self, repo_id, private=private, token=token)
 
     @classmethod
     def from_pretrained(

@@ -212,6 +212,22 @@ def _chunk_logits(hidden_c: Tensor, weight: Tensor, bias: Tensor | None, start: 
     return F.linear(hidden_c, weight_c, bias_c)  # (B, L, C)
 
 
+def _check_weight_kept(ctx, weight: Tensor) -> None:
+    """The weight saved for backward still has its forward shape (never a silent zero gradient).
+
+    A sharding engine that released the weight between forward and backward (ZeRO-3 partitioning
+    outside the module whose hooks gather it) leaves an empty tensor: the chunk loops would run
+    over zero rows and return zero gradients without a word.
+    """
+    if weight.shape != ctx.weight_shape:
+        raise RuntimeError(
+            f"the SPLADE head's weight was {tuple(ctx.weight_shape)} in forward and is "
+            f"{tuple(weight.shape)} in backward: it was released (e.g. re-partitioned by ZeRO-3) "
+            "before the backward; run the head inside a module whose hooks gather the weight for "
+            "backward (SparseEncoder does: csplade.model.output_head.HeadCall)"
+        )
+
+
 def _zero_padding(hidden: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
     """hidden in the compute dtype with padded rows set to 0 (B, L, H).
 
@@ -255,12 +271,13 @@ class _MaskedMaxLogits(torch.autograd.Function):
         empty = ~mask.any(dim=1)  # (B,) rows with no pooled position
         maxima.masked_fill_(empty.unsqueeze(-1), 0.0)
         ctx.save_for_backward(hidden, weight, bias, mask, argmax, empty)
-        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        ctx.chunk_size, ctx.dtype, ctx.weight_shape = chunk_size, dtype, weight.shape
         return maxima
 
     @staticmethod
     def backward(ctx, grad_maxima):
         hidden, weight, bias, mask, argmax, empty = ctx.saved_tensors
+        _check_weight_kept(ctx, weight)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         batch, length, width = hidden.shape
         vocab = weight.shape[0]
@@ -349,11 +366,13 @@ class _MaskedSumActivated(torch.autograd.Function):
             del logits, activated
         ctx.save_for_backward(hidden, weight, bias, mask)
         ctx.chunk_size, ctx.dtype, ctx.softcap = chunk_size, dtype, softcap
+        ctx.weight_shape = weight.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, mask = ctx.saved_tensors
+        _check_weight_kept(ctx, weight)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         batch, length, width = hidden.shape
         vocab = weight.shape[0]

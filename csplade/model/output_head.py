@@ -1,17 +1,41 @@
-"""Where the LM head's weight comes from: a plain linear map, a LoRA-wrapped one, or a module to call.
+"""Where the LM head's weight comes from, and the module call that lets a sharding engine gather it.
 
-The fused head (:mod:`csplade.model.head`) reads the (V, H) weight directly. This module finds it in
-the backbone's output embeddings: a plain ``nn.Linear``, or a peft LoRA layer whose delta is folded in
-(base weight + its delta), so the fused head trains the adapter. Anything else (a quantized head, a
-custom module) has no plain weight, and the encoder calls the module itself.
+The fused head (:mod:`csplade.model.head`) reads the (V, H) weight directly instead of calling the
+LM-head module. This module finds that weight in the backbone's output embeddings: a plain
+``nn.Linear``, or a peft LoRA layer whose delta is folded in (base weight + its delta), so the fused
+head trains the adapter. Anything else (a quantized head, a custom module) has no plain weight, and
+the encoder calls the module itself (the naive head, which builds the (B, L, V) logits).
+
+Sharded weights. Reading a weight outside the module that owns it is what sharding engines cannot
+see, so the encoder runs the fused head inside a module of its own, :class:`HeadCall`:
+
+- DeepSpeed ZeRO-3 partitions every parameter and gathers a module's parameters in that module's
+  forward pre-hook, again in its pre-backward hook, and releases them after each. The head's
+  parameters (the LM-head weight and bias, tied or not, and LoRA factors on the head) are registered
+  as *external parameters* of :class:`HeadCall` (``deepspeed.zero.register_external_parameter``),
+  so the engine gathers them for the head's forward and for its backward, through its own hooks.
+- FSDP2 (``fully_shard``) unshards the root module's parameters (the embeddings, the final norm, the
+  LM head: everything outside the per-layer groups) in the root's forward pre-hook and keeps them
+  unsharded until its backward is done, so inside the encoder's forward the weight is a plain tensor.
+  A weight that is still a sharded ``DTensor`` there is refused with an error, never read.
+
+Known limits: with LoRA on the LM head the folded weight (base + delta) is a (V, H) tensor kept for
+the backward of each head call (the frozen base alone is re-gathered instead).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
+
+from csplade.model.head import splade_activation
+
+logger = logging.getLogger(__name__)
+
+_WARNED: set[str | None] = set()  # reasons the module fallback was already logged for
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -21,35 +45,198 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_partitioned(param: Any) -> bool:
+    """A DeepSpeed ZeRO-3 parameter (its data may be a local shard or empty until gathered)."""
+    return hasattr(param, "ds_id")
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    """A torch DTensor (an FSDP2 parameter in its sharded state)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
 def is_plain_weight(weight: Any) -> bool:
-    """A floating-point (V, H) tensor (not a quantized subclass)."""
-    return (
-        isinstance(weight, torch.Tensor)
-        and type(weight.data) is torch.Tensor
-        and weight.dtype.is_floating_point
-        and weight.dim() == 2
-        and weight.numel() > 0
-    )
+    """A floating-point (V, H) tensor, not a quantized subclass (a ZeRO-3 shard counts, by its full shape)."""
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+        return False
+    if type(weight.data) is not torch.Tensor and not _is_dtensor(weight):
+        return False
+    shape = tuple(getattr(weight, "ds_shape", weight.shape))
+    return len(shape) == 2 and shape[0] > 0 and shape[1] > 0
+
+
+def _lora_layer(module: nn.Module) -> bool:
+    return getattr(module, "base_layer", None) is not None and hasattr(module, "get_delta_weight")
+
+
+def _active_lora(module: nn.Module) -> list[str]:
+    """Names of the LoRA adapters whose delta the head must fold in (none when merged or disabled)."""
+    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return []
+    return [name for name in module.active_adapters if name in getattr(module, "lora_A", {})]
+
+
+def head_parameters(module: nn.Module) -> list[nn.Parameter] | None:
+    """Every parameter the fused head reads from the output embeddings, or None if not a plain linear map.
+
+    The base weight, its bias, and the LoRA factors of the active adapters of a LoRA-wrapped head.
+    Looks at shapes only (never at data), so it works on ZeRO-3 partitioned parameters.
+    """
+    if _lora_layer(module):
+        base = module.base_layer
+        if not isinstance(base, nn.Linear) or not is_plain_weight(base.weight):
+            return None
+        params = [base.weight] + ([base.bias] if base.bias is not None else [])
+        for name in _active_lora(module):
+            params += list(module.lora_A[name].parameters()) + list(
+                module.lora_B[name].parameters()
+            )
+        return params
+    if isinstance(module, nn.Linear) and is_plain_weight(module.weight):
+        return [module.weight] + ([module.bias] if module.bias is not None else [])
+    return None
+
+
+def _check_gathered(params: list[nn.Parameter]) -> None:
+    for param in params:
+        if is_partitioned(param) and param.numel() == 0:
+            raise RuntimeError(
+                f"the LM-head parameter {tuple(param.ds_shape)} is partitioned by DeepSpeed ZeRO-3 and "
+                "not gathered here: call the encoder's forward (it runs the head in a module whose "
+                "hooks gather it) or wrap the call in deepspeed.zero.GatheredParameters"
+            )
+        if _is_dtensor(param):
+            raise RuntimeError(
+                f"the LM-head parameter {tuple(param.shape)} is a sharded FSDP2 DTensor here: call "
+                "the encoder through its FSDP root module, whose forward unshards it"
+            )
 
 
 def head_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight (V, H), bias (V,) | None) of the output embeddings, or None if not a plain linear map.
 
-    A peft LoRA layer on the LM head is folded in (base weight + its delta), so the fused head trains it.
+    A peft LoRA layer on the LM head is folded in (base weight + its delta), so the fused head trains
+    it. Raises RuntimeError for a weight that is sharded and not gathered (ZeRO-3, FSDP2): its data
+    is not the weight, and reading it would silently give a wrong head.
     """
-    base_layer = getattr(module, "base_layer", None)
-    if base_layer is not None and hasattr(module, "get_delta_weight"):
-        if not is_plain_weight(getattr(base_layer, "weight", None)):
-            return None
-        weight = base_layer.weight
-        if not getattr(module, "merged", False) and not getattr(module, "disable_adapters", False):
-            for name in module.active_adapters:
-                if name in getattr(module, "lora_A", {}):
-                    weight = weight + module.get_delta_weight(name).to(weight.dtype)
-        return weight, getattr(base_layer, "bias", None)
-    if isinstance(module, nn.Linear) and is_plain_weight(module.weight):
-        return module.weight, module.bias
-    return None
+    params = head_parameters(module)
+    if params is None:
+        return None
+    _check_gathered(params)
+    if _lora_layer(module):
+        base = module.base_layer
+        weight = base.weight
+        for name in _active_lora(module):
+            weight = weight + module.get_delta_weight(name).to(weight.dtype)
+        return weight, base.bias
+    return module.weight, module.bias
+
+
+def naive_reason(module: nn.Module) -> str:
+    """Why the output embeddings have no weight the fused head can read (for the fallback warning)."""
+    base = module.base_layer if _lora_layer(module) else module
+    weight = getattr(base, "weight", None)
+    if weight is None:
+        return f"the LM head ({type(base).__name__}) has no weight"
+    if not isinstance(base, nn.Linear):
+        return f"the LM head is a {type(base).__name__}, not a plain nn.Linear"
+    return f"the LM-head weight is a {type(weight).__name__} of dtype {weight.dtype}"
+
+
+def warn_module_head(reason: str | None, vocab: int) -> None:
+    """Warn, once per reason, that training calls the LM-head module: the (B, L, V) naive head."""
+    if reason in _WARNED:
+        return
+    _WARNED.add(reason)
+    logger.warning(
+        "SPLADE head: %s, so the fused head cannot read it; calling the module instead, which "
+        "builds the (B, L, V) float32 logits of every text in memory (V=%d)",
+        reason,
+        vocab,
+    )
+
+
+def module_head(
+    out_emb: nn.Module,
+    hidden: torch.Tensor,
+    pool_mask: torch.Tensor,
+    *,
+    head_bias: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float | None,
+    pooling: str,
+    vocab: int,
+) -> torch.Tensor:
+    """The SPLADE head through a call of the output embeddings (B, V) (e.g. a quantized LM head).
+
+    Under autograd this is the naive head: the (B, L, V) float32 logits of the whole batch. Without
+    a gradient the positions go in chunks whose float32 logits stay near 64 MiB.
+    """
+
+    def logits_of(h):
+        logits = out_emb(h).float()
+        if head_bias is not None:
+            logits = logits + head_bias
+        logits = logits * logit_scale
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        return logits
+
+    mask = pool_mask.unsqueeze(-1)  # (B, L, 1)
+    if torch.is_grad_enabled():
+        act = splade_activation(logits_of(hidden)) * mask  # (B, L, V)
+        return act.amax(dim=1) if pooling == "max" else act.sum(dim=1)
+    result = None
+    # positions per chunk so that one float32 (B, step, V) logits chunk stays near 64 MiB
+    step = max(1, (64 * 2**20) // (4 * hidden.shape[0] * max(1, vocab)))
+    for start in range(0, hidden.shape[1], step):
+        act = (
+            splade_activation(logits_of(hidden[:, start : start + step]))
+            * mask[:, start : start + step]
+        )
+        part = act.amax(dim=1) if pooling == "max" else act.sum(dim=1)
+        if result is None:
+            result = part
+        elif pooling == "max":
+            result = torch.maximum(result, part)
+        else:
+            result = result + part
+    return result
+
+
+class HeadCall(nn.Module):
+    """Runs the fused head as a call of its own module, so a ZeRO-3 engine gathers its weight.
+
+    ``head_call(run, hidden, mask, *rest)`` returns ``run(hidden, mask, *rest)``. The tensors go
+    through the module's arguments (not a closure) so the engine's hooks see them: the output
+    triggers the re-gather before the head's backward, the hidden states the release after it.
+    :meth:`register` makes parameters external parameters of this module (ZeRO-3 only); without
+    an engine the call is a plain function call. It holds no parameters of its own.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._external: set[int] = set()
+
+    def register(self, params: list[nn.Parameter]) -> None:
+        """Make `params` (ZeRO-3 parameters) gathered around this module's forward and backward."""
+        new = [p for p in params if id(p) not in self._external]
+        if not new:
+            return
+        try:
+            import deepspeed
+        except ImportError as exc:  # partitioned parameters without deepspeed cannot happen
+            raise ImportError("ZeRO-3 parameters need deepspeed: pip install deepspeed") from exc
+        for param in new:
+            deepspeed.zero.register_external_parameter(self, param)
+            self._external.add(id(param))
+
+    def forward(self, run, *tensors: Any) -> torch.Tensor:
+        return run(*tensors)
 
 
 def softcap_of(model: nn.Module) -> float | None:
@@ -68,7 +255,9 @@ def vocab_size(model: nn.Module) -> int:
         weight = getattr(out, "weight", None)
         if weight is None and hasattr(out, "base_layer"):
             weight = out.base_layer.weight
-        if weight is not None and weight.dim() == 2 and weight.shape[0] > 0:
-            return int(weight.shape[0])
+        if weight is not None:
+            shape = tuple(getattr(weight, "ds_shape", weight.shape))
+            if len(shape) == 2 and shape[0] > 0:
+                return int(shape[0])
     cfg = model.config
     return int(getattr(cfg.get_text_config(), "vocab_size", None) or cfg.vocab_size)

@@ -278,6 +278,18 @@ def _head_bytes(
     return saved, transient
 
 
+def head_path(workload: Workload) -> str:
+    """The sparse head `csplade train` runs, by the names ``SparseEncoder.head_calls`` counts.
+
+    "fused" unless the recipe sets ``fused_head: false`` ("naive"). The engine does not change it:
+    under ZeRO-3 and FSDP2 the engines gather the LM-head weight for the fused head themselves
+    (csplade.model.output_head.HeadCall), tied or not, frozen or trained. The module head
+    ("module", (B, L, V) like the naive one) needs an LM head without a plain weight, which training
+    never has: QLoRA leaves the LM head unquantized (bitsandbytes skips it).
+    """
+    return "fused" if workload.model.fused_head else "naive"
+
+
 def _head(arch, workload, cluster, prec, calls, counts, notes) -> tuple[Part, float]:
     """The sparse head (or the adaptation's LM head): saved bytes, and its largest transient."""
     model, a = workload.model, prec.act
@@ -290,19 +302,17 @@ def _head(arch, workload, cluster, prec, calls, counts, notes) -> tuple[Part, fl
         transient = cells * (4 + a) + cells * 4  # float32 and compute-dtype gradients
         detail = f"LM head at {scored} scored positions ({workload.adapt_objective})"
     else:
-        module_head = cluster.deepspeed and cluster.zero_stage == 3 and counts.head_trainable
-        if module_head and model.fused_head:
-            notes.append(
-                "ZeRO-3 with a trainable LM head: csplade falls back to the module head, which "
-                "builds (B, L, V) like the naive one"
-            )
-            model = dataclasses.replace(model, fused_head=False)
+        path = head_path(workload)
+        model = dataclasses.replace(model, fused_head=path == "fused")
         saved = transient = 0.0
         for rows, length in calls:
             s, t = _head_bytes(arch, model, prec, rows, length, counts.head_trainable)
             saved += s
             transient = max(transient, t)
-        detail = f"{'fused' if model.fused_head else 'naive'} {model.pooling} head"
+        if counts.head_trainable and cluster.shards("grads") > 1:
+            # the head weight's whole (V, H) gradient, before the engine reduce-scatters it
+            transient += arch.vocab * arch.hidden * prec.compute
+        detail = f"{path} {model.pooling} head"
     if workload.model.use_lora and workload.model.lora_lm_head:
         saved += 2.0 * arch.vocab * arch.hidden * prec.adapter
         detail += " + folded LoRA head weight"

@@ -68,7 +68,6 @@ from torch import Tensor, nn
 from transformers import set_seed
 
 from csplade._io import replace_folder_files
-from csplade.data.beir import find_dataset
 from csplade.data.sampling import ADAPT_OBJECTIVES as OBJECTIVES
 from csplade.data.sampling import IGNORE_INDEX, AdaptationCollator
 from csplade.data.texts import read_texts
@@ -76,7 +75,7 @@ from csplade.model.encoder import SparseEncoder
 from csplade.model.head import splade_activation
 from csplade.training.arguments import AdaptationArguments, ModelArguments
 from csplade.training.base import CheckpointingTrainer, NonFiniteLossError, resolve_resume
-from csplade.training.distributed import check_joined
+from csplade.training.distributed import check_joined, gathered
 from csplade.training.loading import load_encoder_for_training
 
 logger = logging.getLogger(__name__)
@@ -161,12 +160,18 @@ def _select(logits: Tensor, mask: Tensor | None) -> Tensor:
     return logits[mask.to(device=logits.device, dtype=torch.bool)]
 
 
-def relu_loss(logits: Tensor, targets: Tensor, logit_scale: float = 1.0) -> Tensor:
-    """CSPLADE's L_ReLU: the LM cross entropy on log(1 + ReLU(scale · logits)) instead of the logits.
+def relu_loss(
+    logits: Tensor, targets: Tensor, logit_scale: float = 1.0, bias: Tensor | None = None
+) -> Tensor:
+    """CSPLADE's L_ReLU: the LM cross entropy on log(1 + ReLU(scale · (logits + bias))).
 
-    `logits` (..., V) and `targets` (...) aligned as for :func:`lm_loss`.
+    `logits` (..., V) and `targets` (...) aligned as for :func:`lm_loss`; `bias` (V,) is the
+    encoder's per-term head bias when it has one (the SPLADE head's own logits).
     """
-    return lm_loss(splade_activation(logits.float() * logit_scale), targets)
+    logits = logits.float()
+    if bias is not None:
+        logits = logits + bias.float()
+    return lm_loss(splade_activation(logits * logit_scale), targets)
 
 
 @torch.no_grad()
@@ -242,8 +247,27 @@ class AdaptationModel(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
-        return token_logits(self.encoder, input_ids, attention_mask, positions)  # (N, V)
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The backbone's block classes: FSDP's transformer auto-wrap shards each block alone."""
+        return self.encoder._no_split_modules
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        positions: Tensor,
+        with_head_bias: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Logits (N, V); with `with_head_bias`, also the encoder's head bias (V,) or None.
+
+        Take the bias from here, not from the encoder's parameter: under ZeRO-3 the parameter is
+        a partition outside this forward, and this copy is made where the engine gathers it.
+        """
+        logits = token_logits(self.encoder, input_ids, attention_mask, positions)  # (N, V)
+        if not with_head_bias:
+            return logits
+        return logits, self.encoder.head_bias_tensor()
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         self.encoder.base_model.activation_checkpointing_enable(
@@ -302,16 +326,17 @@ class AdaptationTrainer(CheckpointingTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = next_token_targets(inputs["labels"])  # (B, L)
         positions = targets != IGNORE_INDEX  # (B, L)
-        logits = model(
+        logits, head_bias = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
             positions=positions,
-        )  # (N, V)
+            with_head_bias=True,
+        )  # (N, V), (V,) | None
         scored = targets[positions.to(targets.device)]  # (N,)
         lm = lm_loss(logits, scored)
         weight = self.adapt_args.relu_weight
         with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
-            relu = relu_loss(logits, scored, self._encoder.config.logit_scale)
+            relu = relu_loss(logits, scored, self._encoder.config.logit_scale, head_bias)
         loss = lm + weight * relu
         if not bool(torch.isfinite(loss.detach())):
             lm, relu = lm.detach(), relu.detach()
@@ -351,6 +376,15 @@ def _save_final(encoder: SparseEncoder, output_dir: Path) -> None:
         logger.info("replaced the files of an earlier save in %s: %s", output_dir, stale)
 
 
+def _calibrate(encoder: SparseEncoder, texts, doc_fraction: float, n: int = 512) -> None:
+    """Calibrate the head bias on (up to `n` of) the adaptation texts.
+
+    A model ZeRO-3 partitioned at load time is held whole for the pass (before the engine exists).
+    """
+    with gathered(encoder):
+        encoder.calibrate_head_bias(texts.select(range(min(n, len(texts))))["text"], doc_fraction)
+
+
 def run_adaptation(
     model_args: ModelArguments,
     adapt_args: AdaptationArguments,
@@ -380,8 +414,13 @@ def run_adaptation(
         )
     set_seed(training_args.seed)
     encoder = load_encoder_for_training(model_args)
-    data_path = find_dataset(adapt_args.adapt_data, files=True)  # a path, or a BEIR name
-    texts = read_texts(data_path, max_texts=adapt_args.max_adapt_texts)
+    data_path = adapt_args.adapt_data  # a file, a folder, a BEIR name or a hub id
+    texts = read_texts(
+        data_path,
+        max_texts=adapt_args.max_adapt_texts,
+        split=adapt_args.adapt_split,
+        config=adapt_args.adapt_config,
+    )
     if len(texts) == 0:
         raise ValueError(f"{data_path}: no texts to adapt on")
     logger.info(
@@ -407,12 +446,6 @@ def run_adaptation(
             collator.n_texts,
             adapt_args.adapt_max_length,
         )
-    if merge:
-        encoder.backbone = encoder.backbone.merge_and_unload()
-    if model_args.head_bias_df is not None:
-        # after the LM phase, which moved the logits: calibrate on (up to 512 of) the adaptation texts
-        sample = texts.select(range(min(512, len(texts))))["text"]
-        encoder.calibrate_head_bias(sample, doc_fraction=model_args.head_bias_df)
     provenance = {
         "objective": objective,
         "data": str(data_path),
@@ -422,12 +455,25 @@ def run_adaptation(
         "merged": bool(merge),
         "adapt_args": asdict(adapt_args),
     }
-    encoder.config = replace(
-        encoder.config, extra={**encoder.config.extra, "adaptation": provenance}
-    )
     out = Path(training_args.output_dir)
-    if trainer.args.should_save:
-        _save_final(encoder, out)
+    _merge_calibrate_save(trainer, model_args, merge, texts, provenance, out)
+    return out
+
+
+def _merge_calibrate_save(trainer, model_args, merge: bool, texts, provenance, out: Path) -> None:
+    """Merge the adapter, calibrate the head bias and save, on the whole trained encoder.
+
+    Every process calls this: under ZeRO-3 / FSDP the engine gathers the trained weights and the
+    saving process rebuilds the encoder whole from them (:meth:`CheckpointingTrainer.unsharded_encoder`).
+    """
+    final = trainer.unsharded_encoder(lambda: load_encoder_for_training(model_args))
+    if final is not None:
+        if merge:
+            final.backbone = final.backbone.merge_and_unload()
+        if model_args.head_bias_df is not None:
+            # after the LM phase, which moved the logits: calibrate on the adaptation texts
+            _calibrate(final, texts, model_args.head_bias_df)
+        final.config = replace(final.config, extra={**final.config.extra, "adaptation": provenance})
+        _save_final(final, out)
         logger.info("adapted encoder saved to %s (%s)", out, "merged" if merge else "as saved")
     trainer.accelerator.wait_for_everyone()
-    return out

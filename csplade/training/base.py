@@ -10,6 +10,13 @@ Both phases (:mod:`csplade.training.adaptation`, :mod:`csplade.training.contrast
 - metrics recorded per micro-batch (:meth:`CheckpointingTrainer.record`), averaged over the
   micro-batches since the last log and over the processes, and logged with the loss;
 - a non-finite loss stops training with :class:`NonFiniteLossError`, which names the optimizer step.
+
+Under DeepSpeed and FSDP the engines' own formats carry the exact resume (DeepSpeed's
+``global_step*`` partitions, FSDP's ``pytorch_model_fsdp*`` files, with their optimizer states); the
+csplade folder beside them holds the gathered weights (ZeRO-3 needs
+``stage3_gather_16bit_weights_on_model_save``, refused early without it). After training,
+:meth:`CheckpointingTrainer.unsharded_encoder` gives the saving process the trained encoder whole
+(merge, calibrate, save), however the engine sharded it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 import re
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,7 @@ from transformers import Trainer
 from csplade._io import write_json_atomic
 from csplade.model.encoder import SparseEncoder
 from csplade.model.io import load_head_bias
+from csplade.training.distributed import check_engine, unsharded_loading
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +61,50 @@ class CheckpointingTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        check_engine(self.accelerator)
+        if self.is_zero3() and not self._zero3_gathers_on_save():
+            raise ValueError(
+                "csplade saves encoder folders with their weights: under DeepSpeed ZeRO-3 set "
+                "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config "
+                "(zero3_save_16bit_model: true in an accelerate config)"
+            )
 
     def encoder(self) -> SparseEncoder:
         return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------ engines
+    def is_zero3(self) -> bool:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3
+
+    def is_sharded(self) -> bool:
+        """Parameters are shards after training (ZeRO-3, FSDP): read them through the engine."""
+        return self.is_zero3() or self.is_fsdp_enabled
+
+    def _zero3_gathers_on_save(self) -> bool:
+        zero = self.accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+        return str(zero.get("stage3_gather_16bit_weights_on_model_save", False)).lower() == "true"
+
+    def unsharded_encoder(self, rebuild: Callable[[], SparseEncoder]) -> SparseEncoder | None:
+        """The trained encoder with whole weights on the saving process; None on the others.
+
+        Without sharding, the encoder itself. Under ZeRO-3 or FSDP every process must call this: the
+        engine gathers the full state dict (ZeRO-3: 16-bit consolidation; FSDP2: full state dict on
+        CPU), and the saving process loads it into a fresh encoder from `rebuild` (the model as
+        loaded before training, built whole: :func:`unsharded_loading`).
+        """
+        if not self.is_sharded():
+            return self.encoder() if self.args.should_save else None
+        wrapped = self.model_wrapped if self.is_deepspeed_enabled else self.model
+        state = self.accelerator.get_state_dict(wrapped)
+        if not self.args.should_save:
+            return None
+        prefix = self.state_prefix
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        with unsharded_loading():
+            encoder = rebuild()
+        load_encoder_state(encoder, state)
+        return encoder.to(self.args.device)
 
     # ------------------------------------------------------------------ metrics
     def record(self, name: str, value: torch.Tensor | float) -> None:
@@ -83,10 +133,26 @@ class CheckpointingTrainer(Trainer):
             state_dict = {
                 k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)
             }
+            state_dict = drop_tied_copies(self.encoder(), state_dict)
+        elif self.is_sharded():  # the parameters here are shards: never write them as weights
+            raise RuntimeError(f"no gathered state dict to save {output_dir} from")
         else:
-            state_dict = None  # DeepSpeed's placeholder when it saves its own checkpoint files
+            state_dict = None
         self.encoder().save_pretrained(output_dir, state_dict=state_dict, atomic=False)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As the Trainer's; under FSDP with a sharded state-dict type the final model is gathered.
+
+        (The Trainer writes nothing then; checkpoints keep FSDP's own sharded files, which resume
+        reads, and no csplade folder.)
+        """
+        fsdp = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if fsdp is not None and "FULL_STATE_DICT" not in str(fsdp.state_dict_type):
+            if not _internal_call:
+                self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+            return
+        super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
@@ -96,9 +162,15 @@ class CheckpointingTrainer(Trainer):
             (folder / COMPLETE_MARKER).write_text(str(self.state.global_step))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # the engines' own formats
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
         load_checkpoint_weights(self.encoder(), Path(resume_from_checkpoint))
 
     def _load_best_model(self) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            super()._load_best_model()
+            return
         best = self.state.best_model_checkpoint
         if best:
             load_checkpoint_weights(self.encoder(), Path(best))
@@ -110,6 +182,8 @@ class CheckpointingTrainer(Trainer):
                 "world_size": self.accelerator.num_processes,
                 "distributed_type": str(self.accelerator.distributed_type),
                 "global_step": self.state.global_step,
+                # which SPLADE head ran (fused | naive | module): the (B, L, V) paths show here
+                "head_calls": dict(getattr(self.encoder(), "head_calls", {})),
                 **info,
                 "log_history": self.state.log_history,
             }
@@ -154,6 +228,41 @@ def load_checkpoint_weights(encoder: SparseEncoder, folder: Path) -> None:
             f"checkpoint {folder} does not match the model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+
+
+def drop_tied_copies(encoder: SparseEncoder, state: dict[str, torch.Tensor]) -> dict:
+    """`state` without the second name of a tied parameter (FSDP's full state dict has both)."""
+    own = encoder.state_dict(keep_vars=True)
+    seen: set[int] = set()
+    kept = {}
+    for name, value in state.items():
+        param = own.get(name)
+        if param is not None and id(param) in seen:
+            continue
+        if param is not None:
+            seen.add(id(param))
+        kept[name] = value
+    return kept
+
+
+def load_encoder_state(encoder: SparseEncoder, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict of the encoder (its own key names) in place; tied copies may be absent.
+
+    A head bias in `state` that the encoder lacks (calibrated or trained after it was built) is
+    added. Any other missing or unexpected key is an error.
+    """
+    if "head_bias" in state and encoder.head_bias is None:
+        encoder.head_bias = torch.nn.Parameter(state["head_bias"].detach().float().clone())
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    own = encoder.state_dict(keep_vars=True)
+    present = {id(own[k]) for k in own if k in state}
+    missing = [k for k in missing if id(own[k]) not in present]  # a tied weight loaded once
+    if missing or unexpected:
+        raise RuntimeError(
+            f"the gathered state does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    encoder._fingerprint = None
 
 
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:

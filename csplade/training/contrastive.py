@@ -10,12 +10,12 @@ DDP, DeepSpeed ZeRO or FSDP). This module adds only what is specific to learned 
   documents (FLOPS / L1 / IDF-aware FLOPS) computed on the *global* batch so the density of the model does
   not depend on the number of GPUs. λ_q and λ_d follow a quadratic warm-up stepped per OPTIMIZER step
   (`state.global_step`), never per micro-batch.
-- logging of every loss part, λ_q, λ_d, and the mean non-zeros of query and document vectors
-  (checkpoints, resume and metric averaging: :mod:`csplade.training.base`).
+- logging of every loss part, λ_q, λ_d, the mean non-zeros of query and document vectors, and the
+  score scale (mean positive and largest query-document score of the batch) (checkpoints, resume and metric averaging: :mod:`csplade.training.base`).
 
-Limits: DeepSpeed ZeRO-3 partitions the LM-head weight that the fused head reads directly; under ZeRO-3 the
-head weight is gathered for the forward when it is frozen (LoRA), and a trainable head falls back to calling
-the module (the naive head). Multi-node launch is accelerate's; nothing here depends on the world size
+Sharded weights: under DeepSpeed ZeRO-3 and FSDP2 the fused head reads the LM-head weight inside a module
+whose hooks gather it for forward and backward (csplade.model.output_head), frozen or trained, tied or not,
+with or without LoRA on it. Multi-node launch is accelerate's; nothing here depends on the world size
 except the loss math, which is exact for any split (see csplade.training.losses).
 """
 
@@ -25,17 +25,17 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, set_seed
 
-from csplade.data.beir import find_dataset
 from csplade.data.groups import load_training_groups
 from csplade.data.sampling import GroupCollator
 from csplade.data.texts import corpus_idf, document_texts
+from csplade.model.card import write_card
 from csplade.model.encoder import SparseEncoder
 from csplade.training import losses
 from csplade.training.arguments import (
@@ -50,7 +50,7 @@ from csplade.training.base import (
     remove_incomplete_checkpoints,
     resolve_resume,
 )
-from csplade.training.distributed import check_joined
+from csplade.training.distributed import check_joined, gathered
 from csplade.training.loading import load_encoder_for_training
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,13 @@ class SparseTrainer(CheckpointingTrainer):
             with torch.no_grad():
                 self.record("q_nnz", (q_reps > 0).sum(dim=1).float().mean())
                 self.record("d_nnz", (d_reps > 0).sum(dim=1).float().mean())
+                # score scale: what InfoNCE's softmax sees (in hundreds, it saturates)
+                scores = q_reps.float() @ d_reps.float().T  # (B, B*n)
+                positives = scores[
+                    torch.arange(len(q_reps)), torch.arange(len(q_reps)) * group_size
+                ]
+                self.record("score_pos", positives.mean())
+                self.record("score_max", scores.max())
         if return_outputs:
             return total, {"q_reps": q_reps, "d_reps": d_reps}
         return total
@@ -169,12 +176,10 @@ def run_training(
         raise ValueError("output_dir is required (in the recipe or as --output_dir)")
     if not data_args.train_data:
         raise ValueError("train_data is required (a JSONL of groups or a BEIR folder)")
-    data_path = find_dataset(data_args.train_data, files=True)
-    data_args = replace(data_args, train_data=str(data_path))
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    dataset = load_training_groups(data_args, seed=seed)  # bad data fails before a model loads
     set_seed(training_args.seed)
     encoder = load_encoder_for_training(model_args)
-    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-    dataset = load_training_groups(data_args, seed=seed)
     if model_args.head_bias_df is not None and encoder.head_bias is None:
         calibrate_on_training_docs(encoder, dataset, model_args.head_bias_df)
     idf = None
@@ -209,13 +214,19 @@ def run_training(
             "data_args": asdict(data_args),
         }
     )
+    if trainer.args.should_save:
+        write_card(training_args.output_dir)
     return Path(training_args.output_dir)
 
 
 def calibrate_on_training_docs(encoder: SparseEncoder, dataset, doc_fraction: float, n: int = 512):
-    """Calibrate the encoder's head bias on up to `n` training documents (every process the same)."""
+    """Calibrate the encoder's head bias on up to `n` training documents (every process the same).
+
+    A model ZeRO-3 partitioned at load time is held whole for the pass (before the engine exists).
+    """
     texts = list(itertools.islice(document_texts(dataset), n))
-    encoder.calibrate_head_bias(texts, doc_fraction=doc_fraction)
+    with gathered(encoder):
+        encoder.calibrate_head_bias(texts, doc_fraction=doc_fraction)
 
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path) -> Path:
