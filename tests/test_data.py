@@ -15,7 +15,8 @@ import torch
 from tiny import tiny_model, tiny_tokenizer
 
 from csplade.data.beir import doc_text, iter_corpus, load_qrels, load_queries
-from csplade.data.groups import load_training_groups, read_groups_beir, read_groups_jsonl
+from csplade.data.beir_groups import read_groups_beir
+from csplade.data.groups import load_training_groups, read_groups_jsonl
 from csplade.data.sampling import GroupCollator, GroupDataset
 from csplade.data.texts import read_texts
 from csplade.model import SparseEncoder, SparseEncoderConfig
@@ -624,10 +625,20 @@ def test_load_training_groups_dispatch(tmp_path, cache):
 
     other = tmp_path / "notes.txt"
     other.write_text("hello\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=f"train_data {other}: expected a .jsonl file"):
+    with pytest.raises(ValueError, match=f"train_data {other}: a text file, not training groups"):
         load_training_groups(DataArguments(train_data=str(other)), seed=0, cache_dir=cache)
-    with pytest.raises(ValueError, match="not a BEIR folder"):
-        load_training_groups(DataArguments(train_data=str(tmp_path)), seed=0, cache_dir=cache)
+    table = tmp_path / "groups.csv"
+    table.write_text("query,positive\n", encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=f"train_data {table}: unknown file type; expected a .jsonl"
+    ):
+        load_training_groups(DataArguments(train_data=str(table)), seed=0, cache_dir=cache)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("hello\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a BEIR folder.*holds no .jsonl/.parquet/.arrow"):
+        load_training_groups(
+            DataArguments(train_data=str(tmp_path / "notes")), seed=0, cache_dir=cache
+        )
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         load_training_groups(
             DataArguments(train_data=str(tmp_path / "nowhere.jsonl")), seed=0, cache_dir=cache

@@ -356,7 +356,7 @@ def test_write_results_slice_note_and_overwrite(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
     fig = bar_chart(METRICS, "ndcg_cut_10", slice_note="slice: first 500 docs, 50 queries")
     (ax,) = fig.axes
-    assert ax.get_title() == "nDCG@10 (slice: first 500 docs, 50 queries)"
+    assert fig._suptitle.get_text() == "nDCG@10\nslice: first 500 docs, 50 queries"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["scifact", "adi", "average"]
     heights = [p.get_height() for p in ax.patches]  # bm25 bars, then csplade-bi bars
     assert heights[:3] == pytest.approx([0.657, 0.4, (0.657 + 0.4) / 2])
@@ -371,3 +371,28 @@ def test_write_results_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         write_results(tmp_path, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chart_title_fits_and_the_legend_is_beside_the_bars():
+    note = (
+        "slice of scifact: 400 of 5183 docs (all judged docs of the kept queries + the first "
+        "docs), 80 of 300 queries"
+    )
+    metrics = {
+        "smollm2-135m echo, adapted + 30 training steps": {"scifact": {"ndcg_cut_10": 0.453}},
+        "bm25": {"scifact": {"ndcg_cut_10": 0.885}},
+    }
+    fig = bar_chart(metrics, "ndcg_cut_10", slice_note=note)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+
+    def inside(box):
+        return box.x0 >= page.x0 - 1 and box.x1 <= page.x1 + 1 and box.y1 <= page.y1 + 1
+
+    title = fig._suptitle
+    assert "80 of 300 queries" in title.get_text() and inside(title.get_window_extent(renderer))
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert legend.x0 >= ax.get_window_extent(renderer).x1  # beside the plot, over no bar
+    assert inside(legend)

@@ -7,6 +7,7 @@ tests: files, structure, metrics equal to pytrec_eval on the written runs, index
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,20 @@ def test_eval_entry_point_runs_csplade_eval(adi, model, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"tiny", "bm25"}
     assert len(read_trec_run(out / "adi" / "bm25.trec")) == 4  # --max-queries reached evaluate
+
+
+def test_latency_zero_skips_timing_and_truncation_is_logged_once_per_call(adi, tmp_path, caplog):
+    folder = tmp_path / "short"
+    config = SparseEncoderConfig(base_model="tiny-llama", doc_max_length=8, query_max_length=3)
+    SparseEncoder(tiny_model("llama"), tiny_tokenizer(), config).save_pretrained(folder)
+    with caplog.at_level(logging.INFO, logger="csplade.model.encoder"):
+        run_eval(folder, adi, tmp_path / "timed", latency_queries=20)
+    truncated = [m for m in caplog.messages if "longer than 3 tokens" in m]
+    assert len(truncated) == 1  # the one query encode call; the 20 timed queries add no line
+    efficiency = json.loads((tmp_path / "timed" / "efficiency.json").read_text())
+    assert "query_p50_ms" in efficiency["tiny"]["adi"]
+    run_eval(folder, adi, tmp_path / "untimed", latency_queries=0)
+    efficiency = json.loads((tmp_path / "untimed" / "efficiency.json").read_text())
+    assert (
+        "query_p50_ms" not in efficiency["tiny"]["adi"] and "doc_nnz" in efficiency["tiny"]["adi"]
+    )

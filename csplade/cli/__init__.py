@@ -2,21 +2,35 @@
 
 Each area of the library owns one module here that adds its verbs to the parser (`register(sub)`) and
 turns parsed arguments into library calls. Printing happens only in this package; the library logs.
-Verbs: backbone, encode, search, eval, export, mine, adapt, train, merge, teacher-scores, quant-sweep,
-plan (each module lists its own).
+Verbs: backbone, encode, search, eval, export, mine, adapt, train, merge, card, push, teacher-scores,
+quant-sweep, plan, demo (each module lists its own).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from csplade import __version__
-from csplade.cli import backbone, data, demo, evaluate, index, plan, quant, training
+from csplade import __version__, _logging
+
+# Before the verb modules import torch, transformers, peft: the noise they print at import goes
+# through these filters (shown with -v; see csplade._logging).
+_logging.quiet_imports()
+
+from csplade.cli import (  # noqa: E402
+    backbone,
+    data,
+    demo,
+    evaluate,
+    index,
+    model,
+    plan,
+    quant,
+    training,
+)
 
 # Each module adds its verbs to the parser (`register(subparsers)`).
-_VERB_MODULES = (backbone, index, evaluate, training, data, quant, plan, demo)
+_VERB_MODULES = (backbone, index, evaluate, training, model, data, quant, plan, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="csplade", description="Learned sparse retrieval on causal LLMs."
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", help="debug logging (default: info)"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, other libraries' messages and warnings, full tracebacks",
     )
     parser.add_argument("--version", action="version", version=f"csplade {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -37,11 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    _logging.configure(verbose=args.verbose)
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "accepts_overrides", False):

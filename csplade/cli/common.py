@@ -7,6 +7,7 @@ with its allowed range before any work starts.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 from csplade.model.config import DTYPES
@@ -18,7 +19,7 @@ def _number(kind: type, low: float, strict: bool, what: str) -> Callable[[str], 
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < low or (strict and value == low) or value != value:
+        if not math.isfinite(value) or value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
         return value
 
@@ -61,3 +62,20 @@ def fraction(text: str) -> float:
     if value > 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
     return value
+
+
+fraction.__name__ = "a number in (0, 1]"
+
+
+def number_list(text: str) -> list[float]:
+    """Comma-separated numbers >= 0 (e.g. ensemble weights: 1,0.5)."""
+    values = [part.strip() for part in text.split(",")]
+    if not values or not all(values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {text!r}")
+    return [non_negative_float(v) for v in values]
+
+
+number_list.__name__ = "comma-separated numbers >= 0"
+
+# The argparse types above: every numeric flag of every verb uses one of them (a test checks).
+NUMERIC_TYPES = (positive, non_negative, positive_float, non_negative_float, fraction, number_list)

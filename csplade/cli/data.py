@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from csplade.cli.common import add_batch_size, add_device, non_negative, positive
+from csplade.cli.common import add_batch_size, add_device, non_negative, number_list, positive
 from csplade.data.mining import mine
+from csplade.data.pseudo import PSEUDO_METHODS
 from csplade.data.teachers import NORMALIZATIONS, score_groups
 
 
@@ -46,6 +47,17 @@ def _register_mine(sub) -> None:
         default=None,
         help="model mining: keep the encoded corpus here and reuse it (default: a temp folder)",
     )
+    p.add_argument(
+        "--pseudo-queries",
+        choices=PSEUDO_METHODS,
+        default=None,
+        help="instead of the split's judged queries: a document's title (title) or one of its "
+        "sentences (sentence) as the query, the document as its positive (csplade.data.pseudo)",
+    )
+    p.add_argument(
+        "--max-queries", type=positive, default=None, help="pseudo-queries: a random sample of N"
+    )
+    p.add_argument("--seed", type=non_negative, default=0, help="pseudo-queries: sampling seed")
     add_batch_size(p)
     add_device(p, default_help="the model's")
     p.set_defaults(func=_mine)
@@ -61,10 +73,18 @@ def _register_teacher_scores(sub) -> None:
         required=True,
         help="comma-separated teachers: packaged names (minilm-dense, splade-tiny), folders, hub ids",
     )
-    p.add_argument("--groups", required=True, help="JSONL of training groups")
+    p.add_argument(
+        "--groups",
+        required=True,
+        help="training groups: JSONL, Parquet or Arrow (optionally gzipped), a save_to_disk "
+        "folder or a hub id; csplade, Tevatron or sentence-transformers layout",
+    )
     p.add_argument("--out", required=True, help="JSONL of scored groups")
     p.add_argument(
-        "--weights", default=None, help="comma-separated ensemble weights (default: all 1)"
+        "--weights",
+        type=number_list,
+        default=None,
+        help="comma-separated ensemble weights >= 0, one per teacher (default: all 1)",
     )
     p.add_argument(
         "--normalization",
@@ -90,6 +110,9 @@ def _mine(args: argparse.Namespace) -> int:
         index_dir=args.index_dir,
         batch_size=args.batch_size,
         device=args.device,
+        pseudo=args.pseudo_queries,
+        max_queries=args.max_queries,
+        seed=args.seed,
     )
     print(f"groups: {args.out}")
     for key, value in stats.items():
@@ -99,17 +122,11 @@ def _mine(args: argparse.Namespace) -> int:
 
 def _teacher_scores(args: argparse.Namespace) -> int:
     teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
-    weights = None
-    if args.weights:
-        try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError as exc:
-            raise ValueError(f"--weights: expected numbers, got {args.weights!r}") from exc
     info = score_groups(
         args.groups,
         teachers,
         args.out,
-        weights=weights,
+        weights=args.weights,
         normalization=args.normalization,
         batch_size=args.batch_size,
         device=args.device,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from csplade.cli.common import add_batch_size, add_device, add_dtype, positive
+from csplade.cli.common import add_batch_size, add_device, add_dtype, non_negative, positive
 from csplade.evaluation.beir_eval import SystemSpec, evaluate
 
 
@@ -38,7 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--k", type=positive, default=1000, help="depth of the runs (default 1000)")
     add_batch_size(p)
-    p.add_argument("--latency-queries", type=positive, default=100, help="queries timed one by one")
+    p.add_argument(
+        "--latency-queries",
+        type=non_negative,
+        default=100,
+        help="queries timed one by one, encode + search (default 100; 0: no latency measurement)",
+    )
     add_device(p, "the model's")
     p.add_argument(
         "--backend", choices=["numba", "scipy"], default=None, help="exact search kernel"

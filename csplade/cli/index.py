@@ -36,7 +36,14 @@ from typing import Any
 from accelerate import PartialState
 
 from csplade._io import atomic_write
-from csplade.cli.common import add_model_loading, non_negative_float, positive, positive_float
+from csplade.cli.common import (
+    add_model_loading,
+    fraction,
+    non_negative,
+    non_negative_float,
+    positive,
+    positive_float,
+)
 from csplade.data.beir import doc_text, iter_corpus, load_queries
 from csplade.index import (
     InvertedIndex,
@@ -62,6 +69,19 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------- registration
+# The argparse type of each numeric SeismicConfig knob (a KeyError here names a new, unchecked one).
+SEISMIC_TYPES = {
+    "n_postings": positive,
+    "max_fraction": positive_float,
+    "centroid_fraction": fraction,
+    "min_cluster_size": positive,
+    "summary_energy": fraction,
+    "doc_cut": positive,
+    "nknn": non_negative,
+    "query_cut": positive,
+    "heap_factor": positive_float,
+    "n_knn": non_negative,
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -135,9 +155,12 @@ def _register_search(sub) -> None:
                 flag, action=argparse.BooleanOptionalAction, default=None, dest=f"seismic_{f.name}"
             )
         else:
-            kind = float if f.type in (float, "float") else int
             group.add_argument(
-                flag, type=kind, default=None, dest=f"seismic_{f.name}", help=f"default {f.default}"
+                flag,
+                type=SEISMIC_TYPES[f.name],
+                default=None,
+                dest=f"seismic_{f.name}",
+                help=f"default {f.default}",
             )
     p.set_defaults(func=_search)
 

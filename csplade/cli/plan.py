@@ -11,7 +11,7 @@ import argparse
 import json
 
 from csplade.cli.common import fraction, positive, positive_float
-from csplade.plan import plan_recipe
+from csplade.plan import parse_memory, plan_recipe
 
 GIB = 1024**3
 
@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--gpu-memory",
+        type=memory_size,
         default="80GB",
         help="memory of one GPU: 80GB, 79GiB, 24000MB (default 80GB)",
     )
@@ -66,6 +67,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(func=_plan, accepts_overrides=True)
+
+
+def memory_size(text: str) -> str:
+    """A memory size argparse accepts only when `parse_memory` reads it (80GB, 79GiB, 24000MB)."""
+    try:
+        parse_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -7,17 +7,22 @@ unchanged one is loaded from the cache. The line and reason of each skipped row 
 cached table (on the next kept row), so the same warnings are logged whether the table was just
 built or came from the cache.
 
+Files ending in ``.gz`` are read through gzip (`open_binary`); their fingerprint hashes the compressed
+bytes.
+
 Known limit: the whole file is hashed on each load (seconds per GB).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import datasets
 import pyarrow.compute as pc
@@ -83,10 +88,13 @@ def from_generator(
         raise
 
 
-def attach_skips(items: Iterator[dict[str, Any] | Skip], path: str) -> Iterator[dict[str, Any]]:
+def attach_skips(
+    items: Iterator[dict[str, Any] | Skip], path: str, unit: str = "line"
+) -> Iterator[dict[str, Any]]:
     """Yield the good rows, each carrying the skips (bad rows, blank lines) met before it.
 
-    Skips after the last good row go on the last row. A file without any good row raises ValueError.
+    Skips after the last good row go on the last row. A file without any good row raises ValueError
+    (`unit` names where the first bad one was: "line" or "row").
     """
     pending: dict[str, Any] | None = None
     lines: list[int] = []
@@ -105,7 +113,7 @@ def attach_skips(items: Iterator[dict[str, Any] | Skip], path: str) -> Iterator[
         pending = {**item, "skipped_lines": lines, "skipped_reasons": reasons, "n_empty": n_empty}
         lines, reasons, n_empty = [], [], 0
     if pending is None:
-        first = f", first on line {lines[0]}: {reasons[0]}" if lines else ""
+        first = f", first on {unit} {lines[0]}: {reasons[0]}" if lines else ""
         raise ValueError(
             f"{path}: no usable rows ({len(lines)} bad rows skipped{first}; {n_empty} blank "
             "lines or empty documents)"
@@ -116,13 +124,22 @@ def attach_skips(items: Iterator[dict[str, Any] | Skip], path: str) -> Iterator[
     yield pending
 
 
-def report_skips(table: datasets.Dataset, path: Path, what: str) -> tuple[list[int], int]:
-    """Log each skipped bad row (line and reason) and their count; return (lines, n_empty)."""
+def report_skips(
+    table: datasets.Dataset,
+    path: Path | str,
+    what: str,
+    where: Callable[[int], str] | None = None,
+) -> tuple[list[int], int]:
+    """Log each skipped bad row (line and reason) and their count; return (lines, n_empty).
+
+    `where(n)` names line or row n in the messages (default ``path:n``).
+    """
     data = table.data
     lines = pc.list_flatten(data.column("skipped_lines")).to_pylist()
     reasons = pc.list_flatten(data.column("skipped_reasons")).to_pylist()
     for line, reason in zip(lines, reasons, strict=True):
-        logger.warning("%s:%d: skipped bad %s (%s)", path, line, what, reason)
+        place = where(line) if where is not None else f"{path}:{line}"
+        logger.warning("%s: skipped bad %s (%s)", place, what, reason)
     if lines:
         logger.warning(
             "%s: skipped %d bad %s(s) of %d (skip_bad_rows=True)",
@@ -135,10 +152,28 @@ def report_skips(table: datasets.Dataset, path: Path, what: str) -> tuple[list[i
     return lines, n_empty
 
 
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    """`path` opened for reading bytes, through gzip when its name ends in ``.gz``."""
+    return gzip.open(path, "rb") if Path(path).suffix == ".gz" else open(path, "rb")
+
+
 def read_lines(path: Path) -> Iterator[tuple[int, str | BadRow]]:
-    """(line number, decoded line) for every line; a line that is not UTF-8 gives a `BadRow`."""
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+    """(line number, decoded line) for every line; a line that is not UTF-8 gives a `BadRow`.
+
+    A gzipped file (``.gz``) is decompressed on the fly; a corrupt archive raises ValueError.
+    """
+    with open_binary(path) as handle:
+        lines = enumerate(handle, start=1)
+        while True:
+            try:
+                line_no, raw = next(lines)
+            except StopIteration:
+                return
+            except _GZIP_ERRORS as exc:
+                raise ValueError(f"{path}: cannot decompress ({exc})") from None
             try:
                 yield line_no, raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -147,9 +182,12 @@ def read_lines(path: Path) -> Iterator[tuple[int, str | BadRow]]:
 
 def require_rows(path: Path) -> None:
     """Raise when `path` has no non-blank line (HF datasets cannot build an empty table)."""
-    with open(path, "rb") as handle:
-        if not any(raw.strip() for raw in handle):
-            raise ValueError(f"{path}: empty file (no non-blank line)")
+    try:
+        with open_binary(path) as handle:
+            if not any(raw.strip() for raw in handle):
+                raise ValueError(f"{path}: empty file (no non-blank line)")
+    except _GZIP_ERRORS as exc:
+        raise ValueError(f"{path}: cannot decompress ({exc})") from None
 
 
 def describe(value: Any) -> str:

@@ -3,7 +3,7 @@
 Sampling is a pure function of (seed, epoch, index): `GroupDataset` seeds a local numpy Generator from
 the three, never a global RNG. The HF Trainer skips the batches of a resumed epoch without calling the
 dataset, and it calls ``set_epoch`` on the dataset through accelerate, so a resumed run sees exactly
-the groups it would have seen.
+the groups it would have seen (for data read as a stream: :mod:`csplade.data.streaming`).
 
 The adaptation phase's collator (:class:`AdaptationCollator`) tokenizes unlabeled texts for causal LM
 (CLM) or masked next-token prediction (MNTP, LLM2Vec, arXiv 2404.05961; see :func:`mntp_inputs`).
@@ -27,6 +27,23 @@ import torch
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
+
+
+def pick_negatives(
+    rng: np.random.Generator, available: int, need: int, fill_from_corpus: bool
+) -> tuple[list[int], int]:
+    """`need` positions in a list of `available` negatives, and how many corpus docs must complete them.
+
+    Without replacement when the list is long enough; else the whole list (shuffled), completed by
+    random corpus documents (`fill_from_corpus`) or by drawing from the list again.
+    """
+    if available >= need:
+        return rng.choice(available, size=need, replace=False).tolist(), 0
+    chosen = rng.permutation(available).tolist()
+    if fill_from_corpus:
+        return chosen, need - available
+    extra = rng.choice(available, size=need - available, replace=True).tolist()
+    return chosen + extra, 0
 
 
 class GroupDataset(torch.utils.data.Dataset):
@@ -113,7 +130,8 @@ class GroupDataset(torch.utils.data.Dataset):
             empty = np.flatnonzero(lengths == 0)
             if len(empty):
                 first = self.groups[int(empty[0])]
-                where = f"line {first['line']}" if "line" in first else f"row {int(empty[0])}"
+                unit = "line" if "line" in first else "row"
+                where = f"{unit} {first[unit]}" if unit in first else f"row {int(empty[0])}"
                 raise ValueError(
                     f"group_size={self.group_size} needs negatives, but {len(empty)} groups have "
                     f"none (first: {where}, query {first['query']!r}) and "
@@ -164,14 +182,8 @@ class GroupDataset(torch.utils.data.Dataset):
 
     def _pick_negatives(self, rng: np.random.Generator, available: int) -> tuple[list[int], int]:
         """Positions in the negative list, and how many random corpus docs must complete them."""
-        need = self.group_size - 1
-        if available >= need:
-            return rng.choice(available, size=need, replace=False).tolist(), 0
-        chosen = rng.permutation(available).tolist()
-        if self.corpus is not None and not self.has_scores:
-            return chosen, need - available
-        extra = rng.choice(available, size=need - available, replace=True).tolist()
-        return chosen + extra, 0
+        from_corpus = self.corpus is not None and not self.has_scores
+        return pick_negatives(rng, available, self.group_size - 1, from_corpus)
 
     def _random_corpus_docs(self, rng: np.random.Generator, k: int, exclude: set[int]) -> list[int]:
         """`k` corpus rows outside `exclude`, distinct when the corpus has enough of them."""

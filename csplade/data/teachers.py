@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from csplade._io import atomic_write
-from csplade.data.groups import read_groups_jsonl
+from csplade.data.groups import read_groups
 from csplade.model.backbones import resolve_model
 from csplade.model.config import CONFIG_NAME
 from csplade.model.encoder import SparseEncoder
@@ -177,7 +177,7 @@ def score_groups(
     names = [str(t) for t in teachers]
     if len(set(names)) != len(names):
         raise ValueError(f"a teacher is named twice: {names}")
-    table, _stats = read_groups_jsonl(Path(groups_path))
+    table, _stats = read_groups(groups_path)
     loaded = [load_teacher(t, device=device) for t in teachers]
     per_teacher: dict[str, list[np.ndarray]] = {}
     for teacher in loaded:

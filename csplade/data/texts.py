@@ -1,7 +1,8 @@
 """Unlabeled text (the adaptation phase's data) and the IDF of the training documents.
 
-`read_texts` reads a corpus.jsonl, a BEIR folder or a plain-text file into a cached Arrow table
-(:mod:`csplade.data.rows`); `corpus_idf` counts document frequencies over a `GroupDataset`'s documents.
+`read_texts` reads a corpus (JSONL, Parquet or Arrow, optionally gzipped; a BEIR folder; a `datasets`
+folder or hub dataset with a 'text' column) or a plain-text file into a cached Arrow table
+(:mod:`csplade.data.rows`); `corpus_idf` counts document frequencies over the training documents.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from datasets import Features, Value
 from tqdm.auto import tqdm
 
 from csplade.data.beir import doc_text
+from csplade.data.formats import Source, file_kind, is_saved_dataset, resolve
 from csplade.data.rows import (
     SKIP_FEATURES,
     BadRow,
@@ -28,11 +30,13 @@ from csplade.data.rows import (
     describe,
     fingerprint,
     from_generator,
+    open_binary,
     read_lines,
     report_skips,
     require_rows,
 )
 from csplade.data.sampling import GroupDataset
+from csplade.data.streaming import StreamingGroupDataset
 
 logger = logging.getLogger(__name__)
 
@@ -40,44 +44,44 @@ _TEXT_FEATURES = Features({"text": Value("string"), "line": Value("int64"), **SK
 
 
 def _text_rows(
-    path: str, jsonl: bool, skip_bad_rows: bool, max_texts: int | None
+    source: Source | str, skip_bad_rows: bool, max_texts: int | None
 ) -> Iterator[dict[str, Any] | Skip]:
+    """Texts of a record source (a corpus: 'text', optional 'title'), or of a plain-text file."""
+    if isinstance(source, Source):
+        numbered, where = source.records(), source.where
+    else:
+        numbered, where = read_lines(Path(source)), (lambda n: f"{source}:{n}")
     n_texts = 0
-    for line_no, line in read_lines(Path(path)):
+    for number, item in numbered:
         if max_texts is not None and n_texts >= max_texts:
             return
         try:
-            if isinstance(line, BadRow):
-                raise line
-            if jsonl and not line.strip():
-                continue  # a blank line between JSON records is not a record
-            text = _corpus_line_text(line) if jsonl else line.strip()
+            if isinstance(item, BadRow):
+                raise item
+            text = _record_text(item) if isinstance(source, Source) else item.strip()
         except BadRow as exc:
             if not skip_bad_rows:
                 raise ValueError(
-                    f"{path}:{line_no}: {exc} (skip_bad_rows=True skips such rows)"
+                    f"{where(number)}: {exc} (skip_bad_rows=True skips such rows)"
                 ) from None
-            yield Skip(line_no, str(exc))
+            yield Skip(number, str(exc))
             continue
         if not text:
-            yield Skip(line_no)
+            yield Skip(number)
             continue
         n_texts += 1
-        yield {"text": text, "line": line_no}
+        yield {"text": text, "line": number}
 
 
 def _generate_texts(
-    path: str, jsonl: bool, skip_bad_rows: bool, max_texts: int | None
+    source: Source | str, skip_bad_rows: bool, max_texts: int | None
 ) -> Iterator[dict[str, Any]]:
-    yield from attach_skips(_text_rows(path, jsonl, skip_bad_rows, max_texts), path)
+    name, unit = (source.name, source.unit) if isinstance(source, Source) else (source, "line")
+    yield from attach_skips(_text_rows(source, skip_bad_rows, max_texts), name, unit)
 
 
-def _corpus_line_text(line: str) -> str:
-    """The `doc_text` of one corpus.jsonl record ("" for an empty document); `BadRow` if invalid."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise BadRow(f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+def _record_text(record: Any) -> str:
+    """The `doc_text` of one corpus record ("" for an empty document); `BadRow` if invalid."""
     if not isinstance(record, dict):
         raise BadRow(f"expected a JSON object, got {type(record).__name__}")
     if not isinstance(record.get("text"), str):
@@ -88,53 +92,85 @@ def _corpus_line_text(line: str) -> str:
     return doc_text(record)
 
 
+def _text_source(
+    path: str | os.PathLike, split: str, config: str | None
+) -> tuple[Source | Path, str]:
+    """What `read_texts` reads: a record Source or a plain-text file; and the name for messages."""
+    plain = Path(path).expanduser()
+    if plain.is_file() and file_kind(plain) is None:
+        return plain, str(plain)  # any other file: plain text, one text per line
+    if plain.is_dir() and not is_saved_dataset(plain):  # a BEIR folder, or a folder with a corpus
+        corpus = plain / "corpus.jsonl"
+        if not corpus.is_file():
+            raise FileNotFoundError(
+                f"{plain} is a folder without corpus.jsonl (nor a `datasets` save_to_disk folder)"
+            )
+        return Source("jsonl", str(corpus)), str(corpus)
+    found = resolve(path, what="adapt_data", split=split, config=config)
+    if isinstance(found, Path):  # a BEIR name under $CSPLADE_DATA, or a text file
+        corpus = found / "corpus.jsonl"
+        return (
+            (Source("jsonl", str(corpus)), str(corpus)) if found.is_dir() else (found, str(found))
+        )
+    if found.kind != "jsonl" and "text" not in found.columns():
+        raise ValueError(
+            f"{found.name}: no 'text' column (columns: {sorted(found.columns())}); unlabeled "
+            "texts are read from a 'text' column (and 'title' when there is one)"
+        )
+    return found, found.name
+
+
 def read_texts(
     path: str | os.PathLike,
     skip_bad_rows: bool = False,
     max_texts: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    split: str = "train",
+    config: str | None = None,
 ) -> datasets.Dataset:
     """Unlabeled texts (a Dataset with one column, ``text``) for the adaptation phase.
 
-    `path` is a corpus.jsonl (each record read with `doc_text`), a BEIR folder (its corpus.jsonl)
-    or any other file read as plain text, one text per line. Blank lines (plain text) and empty
-    documents (JSONL) are not texts: they are counted and logged. A bad JSONL record raises
+    `path` is a corpus (records with 'text' and optional 'title', read with `doc_text`): a .jsonl,
+    .parquet or .arrow file (optionally .gz), a BEIR folder (its corpus.jsonl), a `datasets` folder,
+    a hub dataset id (`split`, `config`); or any other file read as plain text, one text per line.
+    Blank lines and empty documents are not texts: they are counted and logged. A bad record raises
     ValueError "path:line: reason" unless `skip_bad_rows`. `max_texts` keeps the first texts only.
     """
-    path = Path(path)
-    if path.is_dir():
-        folder, path = path, path / "corpus.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"{folder} is a folder without corpus.jsonl")
-    elif not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
     if max_texts is not None and max_texts < 1:
         raise ValueError(f"max_texts must be >= 1, got {max_texts}")
-    require_rows(path)
-    jsonl = path.suffix == ".jsonl"
-    if not jsonl:
-        _warn_if_jsonl(path)
+    source, name = _text_source(path, split, config)
+    records = isinstance(source, Source)
+    if not records:
+        _warn_if_jsonl(source)
+    if not records or source.kind == "jsonl":
+        require_rows(Path(source.location if records else source))
+    key = ("texts", skip_bad_rows, max_texts)
     table = from_generator(
         _generate_texts,
-        {"path": str(path), "jsonl": jsonl, "skip_bad_rows": skip_bad_rows, "max_texts": max_texts},
+        {
+            "source": source if records else str(source),
+            "skip_bad_rows": skip_bad_rows,
+            "max_texts": max_texts,
+        },
         _TEXT_FEATURES,
-        fingerprint(path, "texts", jsonl, skip_bad_rows, max_texts),
+        source.fingerprint(*key) if records else fingerprint(source, "plain", *key),
         cache_dir,
     )
-    _, n_empty = report_skips(table, path, "record")
+    where = source.where if records else None
+    _, n_empty = report_skips(table, name, "record", where=where)
     if n_empty:
-        what = "empty documents" if jsonl else "blank lines"
-        logger.warning("%s: %d %s are not texts (not used)", path, n_empty, what)
+        what = "empty documents" if records else "blank lines"
+        logger.warning("%s: %d %s are not texts (not used)", name, n_empty, what)
     texts = table.select_columns(["text"])
     if max_texts is not None and len(texts) == max_texts:
-        logger.info("%s: stopped at max_texts=%d texts", path, max_texts)
-    logger.info("%s: %d texts", path, len(texts))
+        logger.info("%s: stopped at max_texts=%d texts", name, max_texts)
+    logger.info("%s: %d texts", name, len(texts))
     return texts
 
 
 def _warn_if_jsonl(path: Path) -> None:
     """A plain-text file whose first line is a JSON object was probably meant as JSONL."""
-    with open(path, "rb") as handle:
+    with open_binary(path) as handle:
         first = handle.readline().strip()
     if first.startswith(b"{"):
         try:
@@ -149,8 +185,19 @@ def _warn_if_jsonl(path: Path) -> None:
             )
 
 
-def document_texts(dataset: GroupDataset) -> Iterator[str]:
-    """Every distinct document text of a `GroupDataset`: its corpus, or the texts in its groups."""
+def document_texts(dataset: GroupDataset | StreamingGroupDataset) -> Iterator[str]:
+    """Every distinct document text of the training data: its corpus, or the texts in its groups.
+
+    A stream is read once, in source order.
+    """
+    if isinstance(dataset, StreamingGroupDataset):
+        seen_texts: set[str] = set()
+        for row in dataset.rows():
+            for text in (*row["positives"], *row["negatives"]):
+                if text not in seen_texts:
+                    seen_texts.add(text)
+                    yield text
+        return
     if dataset.corpus is not None:
         for start in range(0, len(dataset.corpus), 10_000):
             yield from dataset.corpus[start : start + 10_000]["text"]
@@ -165,7 +212,9 @@ def document_texts(dataset: GroupDataset) -> Iterator[str]:
                     yield text
 
 
-def corpus_idf(encoder: Any, dataset: GroupDataset, batch_size: int = 1024) -> torch.Tensor:
+def corpus_idf(
+    encoder: Any, dataset: GroupDataset | StreamingGroupDataset, batch_size: int = 1024
+) -> torch.Tensor:
     """IDF (V,) of every vocabulary id over the training documents, float32, always > 0.
 
     BM25's form ``log(1 + (N - df + 0.5) / (df + 0.5))`` (Robertson & Zaragoza): positive for every id,

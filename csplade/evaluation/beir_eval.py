@@ -10,6 +10,10 @@ and the latency of one query (encode + search) at p50/p95. Results go to `OUT/me
 call with the same `OUT` adds its systems to the same table if the settings (split, slices, k)
 match.
 
+A model given as a local csplade folder also gets its results written into its model card
+(:func:`csplade.model.card.record_eval`: ``csplade_eval.json`` and ``README.md`` in the folder).
+``latency_queries=0`` skips the latency measurement.
+
 Known limit: slices (`max_docs`, `max_queries`, for smoke runs) keep every judged doc of the kept
 queries, so their scores are higher than on the full collection; every output says it is a slice.
 """
@@ -30,6 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from csplade._io import write_json_atomic
+from csplade._logging import muted
 from csplade.data.beir import BeirData, find_dataset, load_beir
 from csplade.evaluation.memory import PeakMemory
 from csplade.evaluation.metrics import (
@@ -41,6 +46,8 @@ from csplade.evaluation.metrics import (
 from csplade.evaluation.report import write_results
 from csplade.index import InvertedIndex, encode_corpus, load_index, write_trec_run
 from csplade.index.bm25 import bm25_search
+from csplade.model.card import record_eval
+from csplade.model.config import CONFIG_NAME
 from csplade.model.encoder import SparseEncoder
 
 logger = logging.getLogger(__name__)
@@ -129,7 +136,7 @@ class SystemOptions:
     k: int = 1000  # depth of the run that is scored
     batch_size: int = 32  # docs per encode batch (and queries, unless query_batch_size is set)
     query_batch_size: int | None = None  # 1: every query encoded alone, as in the timed loop
-    latency_queries: int = 100  # queries timed one at a time: encode it, then search
+    latency_queries: int = 100  # queries timed one at a time: encode it, then search (0: none)
     latency_k: int = 10  # search depth of the timed queries
     threads: int | None = None  # search threads (None: the index's default)
     backend: str | None = None  # exact search kernel (None: the index's default)
@@ -184,13 +191,18 @@ def _encode_docs(
 def _query_latencies(
     encoder: Any, index: InvertedIndex, texts: list[str], options: SystemOptions
 ) -> list[float]:
-    """Seconds per query, each encoded alone and searched to ``latency_k``."""
+    """Seconds per query, each encoded alone and searched to ``latency_k``.
+
+    The encoder's per-call INFO lines (texts truncated) are muted here: these queries were encoded
+    (and counted) once already, and one line per timed query would flood the output.
+    """
     timings = []
-    for text in texts[: options.latency_queries]:
-        start = time.perf_counter()
-        vec = encoder.encode_queries([text], show_progress=False)  # (1, V)
-        index.search(vec, k=options.latency_k, threads=options.threads)
-        timings.append(time.perf_counter() - start)
+    with muted(SparseEncoder.__module__):  # where `encode` logs
+        for text in texts[: options.latency_queries]:
+            start = time.perf_counter()
+            vec = encoder.encode_queries([text], show_progress=False)  # (1, V)
+            index.search(vec, k=options.latency_k, threads=options.threads)
+            timings.append(time.perf_counter() - start)
     return timings
 
 
@@ -234,15 +246,11 @@ def evaluate_system(
     write_trec_run(out_dir / data.name / f"{system}.trec", ranked, tag=system)
     run = {q: dict(pairs) for q, pairs in ranked.items()}
     result = evaluate_run(data.qrels, run, DEFAULT_METRICS)
-    lat = latency_percentiles(_query_latencies(encoder, index, query_texts, options))
     efficiency = dict(sparsity_stats(q_reps, docs))
-    efficiency.update(
-        {
-            "index_mb": _dir_bytes(index_dir) / 2**20,
-            "query_p50_ms": lat["p50_ms"],
-            "query_p95_ms": lat["p95_ms"],
-        }
-    )
+    efficiency["index_mb"] = _dir_bytes(index_dir) / 2**20
+    if options.latency_queries > 0:  # 0: no latency measurement
+        lat = latency_percentiles(_query_latencies(encoder, index, query_texts, options))
+        efficiency.update(query_p50_ms=lat["p50_ms"], query_p95_ms=lat["p95_ms"])
     if options.profile_encoding:
         efficiency.update(profile, index_bytes=float(_csr_bytes(docs)))
     return dict(result.mean), efficiency, run
@@ -286,6 +294,19 @@ def _evaluate_bm25(data: BeirData, out: Path, k: int) -> dict[str, float]:
     run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=k)
     write_trec_run(out / data.name / "bm25.trec", _ranked(run), tag="bm25")
     return evaluate_run(data.qrels, run, DEFAULT_METRICS).mean
+
+
+def _record_in_card(spec: SystemSpec, dataset: str, metrics, efficiency, split, note) -> None:
+    """Results of a local csplade folder go into its model card (csplade_eval.json, README.md)."""
+    card = record_eval(
+        spec.model,
+        dataset,
+        metrics[spec.name][dataset],
+        efficiency.get(spec.name, {}).get(dataset),
+        split=split,
+        slice_note=note,
+    )
+    logger.info("%s on %s: results added to the model card %s", spec.name, dataset, card)
 
 
 def evaluate(
@@ -341,6 +362,8 @@ def evaluate(
                     m: float(v) for m, v in eff.items() if np.isfinite(v)
                 }
             logger.info("%s on %s: nDCG@10 %.4f", spec.name, data.name, result["ndcg_cut_10"])
+            if spec.model is not None and (Path(spec.model) / CONFIG_NAME).is_file():
+                _record_in_card(spec, data.name, metrics, efficiency, split, note)
         del encoder
     slice_note = "; ".join(notes) if notes else None
     written = write_results(out, metrics, efficiency or None, slice_note=slice_note)

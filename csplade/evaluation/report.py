@@ -1,7 +1,8 @@
 """Result files of an evaluation: metrics.json, efficiency.json, a markdown table and a bar chart.
 
 The table has one row per data set plus an "average" row (marked † where a system did not run on
-every data set); the chart is a grouped bar chart of one metric. Every file is written atomically.
+every data set); the chart is a grouped bar chart of one metric (values on the bars, the legend beside the plot, a slice
+note wrapped under the title). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -180,21 +182,26 @@ def bar_chart(
     datasets = _ordered_union(list(metrics[s] for s in systems))
     groups = datasets + ["average"]
     width = 0.8 / max(len(systems), 1)
-    fig = agg_figure((max(6.0, 1.2 * len(groups) * max(1, len(systems)) ** 0.5), 4.0))
+    plot_width = max(5.0, 1.2 * len(groups) * max(1, len(systems)) ** 0.5)
+    legend_width = 0.9 + 0.07 * max((len(s) for s in systems), default=0)
+    fig = agg_figure((plot_width + legend_width, 4.2))
+    fig.set_layout_engine("constrained")  # keeps the wrapped title and the outside legend in
     ax = fig.add_subplot()
     x = np.arange(len(groups))
     for i, system in enumerate(systems):
         values = [metrics[system].get(d, {}).get(metric, np.nan) for d in datasets]
         present = [v for v in values if not np.isnan(v)]
         values.append(sum(present) / len(present) if present else np.nan)
-        ax.bar(x + (i - (len(systems) - 1) / 2) * width, values, width, label=system)
+        bars = ax.bar(x + (i - (len(systems) - 1) / 2) * width, values, width, label=system)
+        ax.bar_label(bars, fmt="%.3f", fontsize="x-small", padding=1)
     ax.set_xticks(x, groups)
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)
     title = METRIC_LABELS.get(metric, metric)
-    ax.set_title(f"{title} ({slice_note})" if slice_note else title)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    if slice_note:  # wrapped to the figure's width (at most ~10 characters per inch)
+        title += "\n" + textwrap.fill(slice_note, width=int(10 * (plot_width + legend_width)))
+    fig.suptitle(title, fontsize="medium")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return fig
 
 

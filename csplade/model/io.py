@@ -3,8 +3,11 @@
 A folder holds the backbone (or, for a LoRA adapter, the adapter over ``config.base_model``) as
 transformers/peft save it, the tokenizer, ``csplade_config.json`` (:class:`SparseEncoderConfig`), and,
 where the encoder has them, ``query_weights.safetensors`` (inference-free queries) and
-``head_bias.safetensors`` (the calibrated per-term bias). Weights are safetensors only. A folder is
-written beside its target and renamed into place (:func:`csplade._io.atomic_folder`).
+``head_bias.safetensors`` (the calibrated per-term bias). Weights are safetensors only. Beside them: a
+model card, ``README.md`` (:mod:`csplade.model.card`), and for masked-LM encoders the files that let
+``sentence_transformers.SparseEncoder`` load the folder (:mod:`csplade.model.st_files`). A folder is
+written beside its target and renamed into place (:func:`csplade._io.atomic_folder`);
+:func:`push_to_hub` uploads one.
 
 Loading also applies a quantization mode (:mod:`csplade.quantization.modes`): a folder saved
 quantized reloads as saved.
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -27,13 +32,18 @@ from safetensors.torch import load_file, save_file
 
 from csplade._io import atomic_folder
 from csplade.model.backbones import load_backbone, resolve_model
+from csplade.model.bidirectional import make_causal
+from csplade.model.card import CARD_NAME, card_text, write_card
 from csplade.model.config import (
     CONFIG_NAME,
     HEAD_BIAS_NAME,
     QUERY_WEIGHTS_NAME,
     SparseEncoderConfig,
 )
+from csplade.model.st_files import write_st_files
 from csplade.quantization import loading as quantization
+
+logger = logging.getLogger(__name__)
 
 
 def save(
@@ -51,13 +61,15 @@ def save(
     target = Path(save_directory)
     if not atomic:
         target.mkdir(parents=True, exist_ok=True)
-        _write_folder(encoder, target, state_dict)
+        _write_folder(encoder, target, state_dict, target.resolve().name)
         return
     with atomic_folder(target) as tmp:
-        _write_folder(encoder, tmp, state_dict)
+        _write_folder(encoder, tmp, state_dict, target.resolve().name)
 
 
-def _write_folder(encoder: Any, folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+def _write_folder(
+    encoder: Any, folder: Path, state_dict: dict[str, torch.Tensor] | None, name: str
+) -> None:
     config = replace(encoder.config, adapter=encoder.is_adapter)
     if config.adapter and not config.base_model:
         raise ValueError("cannot save an adapter without config.base_model (the base it needs)")
@@ -83,6 +95,60 @@ def _write_folder(encoder: Any, folder: Path, state_dict: dict[str, torch.Tensor
             {"head_bias": head_bias.detach().float().cpu().contiguous()},
             folder / HEAD_BIAS_NAME,
         )
+    write_st_files(encoder, folder)
+    write_card(folder, name)
+
+
+# What a push leaves out: training checkpoints and logs kept in the output folder, the local card.
+PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", ".*", CARD_NAME, "training_args.bin"]
+
+
+def push_to_hub(
+    encoder_or_folder: Any,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "csplade encoder",
+) -> str:
+    """Upload an encoder (saved first into a temporary folder) or a saved folder to the hub.
+
+    Creates the model repository `repo_id` if needed; returns the commit URL. Refuses at once, with
+    what to do, when the hub is unreachable by configuration (``HF_HUB_OFFLINE``).
+    """
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError(
+            f"push_to_hub({repo_id!r}) needs the Hugging Face hub, but HF_HUB_OFFLINE is set; "
+            "upload the saved folder later, where online (`csplade push FOLDER --repo-id ID`)"
+        )
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory(prefix="csplade-push-") as tmp:
+        folder = Path(tmp) / "encoder"
+        if isinstance(encoder_or_folder, (str, os.PathLike)):
+            folder = Path(encoder_or_folder)
+            if not (folder / CONFIG_NAME).is_file():
+                raise FileNotFoundError(
+                    f"{folder}: not a csplade encoder folder (no {CONFIG_NAME})"
+                )
+        else:
+            save(encoder_or_folder, folder)
+        logger.info("uploading %s to %s", folder, repo_id)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            ignore_patterns=PUSH_IGNORE,
+        )
+        # the card as the hub shows it: it names the model by its repository
+        commit = api.upload_file(
+            path_or_fileobj=card_text(folder, name=repo_id).encode("utf-8"),
+            path_in_repo=CARD_NAME,
+            repo_id=repo_id,
+            commit_message=commit_message,
+        )
+    return str(getattr(commit, "commit_url", commit))
 
 
 def read_config(folder: Path) -> SparseEncoderConfig | None:
@@ -159,6 +225,8 @@ def load(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.variant != "bi":  # a `bi` checkpoint keeps is_causal: false in its config.json
+        make_causal(backbone)
     encoder = cls(backbone, tokenizer, config, query_weights=query_weights, head_bias=head_bias)
     encoder = quantization.finish_loading(encoder, mode, quantize_head)
     if device is not None:

@@ -132,9 +132,27 @@ class LossArguments:
 class DataArguments:
     train_data: str | None = field(
         default=None,
-        metadata={"help": "JSONL of training groups, or a BEIR folder with qrels/<split>.tsv"},
+        metadata={
+            "help": "training groups: a .jsonl/.parquet/.arrow file (optionally .gz), a `datasets` "
+            "folder, a hub dataset id (csplade, Tevatron or sentence-transformers layout), or a "
+            "BEIR folder with qrels/<split>.tsv"
+        },
     )
-    train_split: str = "train"
+    train_split: str = field(
+        default="train", metadata={"help": "split of a BEIR folder, `datasets` folder or hub id"}
+    )
+    train_config: str | None = field(
+        default=None, metadata={"help": "configuration (subset) of a hub dataset, e.g. triplet"}
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "read train_data as it is trained on (no copy into the cache); needs max_steps"
+        },
+    )
+    shuffle_buffer: int = field(
+        default=10_000, metadata={"help": "streaming: groups in the shuffle buffer (0: in order)"}
+    )
     negatives_run: str | None = field(
         default=None,
         metadata={"help": "TREC run whose top docs are the hard negatives (BEIR input)"},
@@ -147,13 +165,21 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
 
 
 @dataclass
 class AdaptationArguments:
     adapt_data: str | None = field(
-        default=None, metadata={"help": "corpus.jsonl, a BEIR folder or a plain-text file"}
+        default=None,
+        metadata={
+            "help": "a corpus ('text', optional 'title': .jsonl/.parquet/.arrow, optionally .gz, a "
+            "BEIR folder, a `datasets` folder or hub id) or a plain-text file"
+        },
     )
+    adapt_split: str = field(default="train", metadata={"help": "split of a `datasets` source"})
+    adapt_config: str | None = field(default=None, metadata={"help": "hub dataset configuration"})
     adapt_objective: str = field(default="auto", metadata={"help": "auto | clm | mntp"})
     adapt_max_length: int = 256
     mask_ratio: float = 0.2
