@@ -184,3 +184,44 @@ def test_bm25_mining_on_scifact_train_excludes_every_judged_positive(data_root, 
     table, _ = read_groups_jsonl(out, cache_dir=tmp_path / "cache")
     assert len(table) == 809
     print(f"scifact train BM25 mining: {seconds:.1f}s")
+
+
+def test_sentences_and_pseudo_pairs():
+    from csplade.data.pseudo import pseudo_queries, sentences
+
+    assert sentences("One thing here. Two? Three! 4 more.") == [
+        "One thing here.",
+        "Two?",
+        "Three!",
+        "4 more.",
+    ]
+    corpus = {
+        "a": {"title": "Vitamin D and sclerosis", "text": "First claim here. Second claim. Third."},
+        "b": {"title": "", "text": "No title at all here. But sentences. Plenty of them."},
+        "c": {"title": "Short", "text": "x"},
+    }
+    queries, qrels, positives, counts = pseudo_queries(corpus, "title")
+    assert queries == {"pq-a": "Vitamin D and sclerosis"} and qrels == {"pq-a": {"a": 1}}
+    assert positives["a"] == {"title": "", "text": corpus["a"]["text"]}  # the body, no title
+    assert counts["pseudo_skipped"] == 2
+    queries, qrels, positives, _ = pseudo_queries(corpus, "sentence", seed=3)
+    for query_id, query in queries.items():
+        doc = next(iter(qrels[query_id]))
+        assert query in corpus[doc]["text"] and query not in positives[doc]["text"]  # ICT
+    with pytest.raises(ValueError, match="unknown method"):
+        pseudo_queries(corpus, "summary")
+
+
+def test_pseudo_query_mining_writes_groups_without_the_own_document(adi, tmp_path):
+    out = tmp_path / "pseudo.jsonl"
+    stats = mine(adi, out, pseudo="sentence", n_negatives=4, max_queries=30, seed=1)
+    assert stats["pseudo_queries"] + stats["pseudo_skipped"] == 30
+    groups, _ = read_groups_jsonl(out)
+    assert len(groups) == stats["groups"] == stats["pseudo_queries"] > 10
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows:
+        own = row["positives"][0]["_id"]
+        assert row["query_id"] == f"pq-{own}"
+        assert own not in {n["_id"] for n in row["negatives"]} and len(row["negatives"]) <= 4
+        assert row["query"] not in row["positives"][0]["text"]
+    assert sum(len(row["negatives"]) == 4 for row in rows) > len(rows) // 2

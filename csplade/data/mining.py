@@ -58,6 +58,7 @@ from csplade.data.beir import (
     load_queries,
     qrels_path,
 )
+from csplade.data.pseudo import pseudo_queries
 from csplade.index import InvertedIndex, encode_corpus, load_index, read_trec_run
 from csplade.index.bm25 import bm25_search
 from csplade.index.storage import fingerprint_ids
@@ -252,6 +253,22 @@ _WARNED_COUNTS = (
 )
 
 
+def _targets(
+    folder, split: str, pseudo: str | None, max_queries: int | None, seed: int
+) -> tuple[dict, dict, dict, dict, dict[str, Any]]:
+    """(corpus, items corpus, queries, qrels, counters): judged queries of `split`, or pseudo ones."""
+    corpus = load_corpus(folder / "corpus.jsonl")
+    if pseudo is None:
+        queries = load_queries(folder / "queries.jsonl")
+        qrels = load_qrels(qrels_path(folder, split))
+        return corpus, corpus, queries, qrels, {}
+    queries, qrels, positives, counters = pseudo_queries(corpus, pseudo, max_queries, seed)
+    # The items of a pseudo group are bodies (no titles): the title is the query of its own doc.
+    items = {d: {"title": "", "text": doc.get("text") or ""} for d, doc in corpus.items()}
+    items.update(positives)
+    return corpus, items, queries, qrels, counters
+
+
 def mine(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -265,30 +282,32 @@ def mine(
     batch_size: int = 32,
     device: str | None = None,
     backend: str | None = None,
+    pseudo: str | None = None,
+    max_queries: int | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Mine negatives for a BEIR split and write training groups to `out`; returns the counters.
 
     `data`: a BEIR folder or a name under $CSPLADE_DATA. The run comes from `run_file` (a TREC run)
     when given, else from `model`: "bm25" (:func:`csplade.index.bm25.bm25_search`), a model folder
     or packaged name, or a loaded `SparseEncoder`. Only the split's judged queries with a positive
-    are searched.
+    are searched; with `pseudo` ("title" | "sentence", :mod:`csplade.data.pseudo`), pseudo-queries of
+    the corpus (up to `max_queries`, sampled with `seed`) replace them.
     """
     if run_file is None and model is None:
         raise ValueError("give a model ('bm25', a csplade model) or a run file to mine from")
     # Check the arguments before any expensive step.
     mine_negatives({}, {}, depth=depth, n_negatives=n_negatives, skip_top=skip_top)
     folder = find_dataset(data)
-    qrels_file = qrels_path(folder, split)
-    corpus = load_corpus(folder / "corpus.jsonl")
-    queries = load_queries(folder / "queries.jsonl")
-    qrels = load_qrels(qrels_file)
+    corpus, items, queries, qrels, pseudo_stats = _targets(folder, split, pseudo, max_queries, seed)
     usable = {doc_id: doc for doc_id, doc in corpus.items() if doc_text(doc)}
     targets = {
         q: queries[q]
         for q, judged in qrels.items()
         if q in queries and any(score > 0 for score in judged.values())
     }
-    logger.info("%s: mining for %d queries of split %r", folder.name, len(targets), split)
+    what = f"{pseudo} pseudo-queries" if pseudo else f"queries of split {split!r}"
+    logger.info("%s: mining for %d %s", folder.name, len(targets), what)
     run, source = _first_stage_run(
         model, run_file, usable, targets, depth,
         index_dir=index_dir, batch_size=batch_size, device=device, backend=backend,
@@ -296,7 +315,7 @@ def mine(
     negatives, mine_stats = mine_negatives(
         run, qrels, depth=depth, n_negatives=n_negatives, skip_top=skip_top, usable=usable
     )
-    groups, group_stats = build_groups(queries, qrels, negatives, corpus)
+    groups, group_stats = build_groups(queries, qrels, negatives, items)
     if not groups:
         raise ValueError(f"{folder}: split {split!r} has no query with a usable positive document")
     write_groups_jsonl(out, groups)
@@ -312,6 +331,7 @@ def mine(
         "negatives_mean": round(sum(n_neg) / len(n_neg), 2),
         "queries_without_negatives": sum(n == 0 for n in n_neg),
         "empty_docs_in_corpus": len(corpus) - len(usable),
+        **pseudo_stats,
         **mine_stats,
         **group_stats,
     }
