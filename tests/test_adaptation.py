@@ -544,3 +544,35 @@ def test_run_adaptation_resumes_exactly(corpus_and_backbone, tmp_path):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     assert not torch.equal(_state(other)["lm_head.weight"], _state(backbone)["lm_head.weight"])
+
+
+def test_mntp_scores_l_relu_at_every_position_and_the_lm_loss_at_masked_ones(tmp_path):
+    encoder = make_encoder("bi")
+    trainer = AdaptationTrainer(
+        encoder,
+        args=training_args(tmp_path, max_steps=1),
+        adapt_args=AdaptationArguments(relu_weight=1.0),
+        train_dataset=texts_dataset(8),
+    )
+    batch = trainer.data_collator(run_texts(8, seed=3))
+    seen = {}
+    forward = trainer.model.forward
+
+    def spy(**kwargs):
+        seen["positions"] = kwargs["positions"].clone()
+        return forward(**kwargs)
+
+    trainer.model.forward = spy
+    loss = trainer.compute_loss(trainer.model, batch)
+    every = batch["attention_mask"].sum(dim=1) - 1  # each text's tokens that have a next token
+    assert seen["positions"].sum(dim=1).tolist() == every.tolist()
+    masked = (batch["labels"] != IGNORE_INDEX).sum()
+    assert 0 < masked < every.sum()  # MNTP's own targets are a subset
+    # the loss is the MNTP loss on masked targets plus L_ReLU on every next token
+    with torch.no_grad():
+        logits = token_logits(
+            encoder, batch["input_ids"], batch["attention_mask"], seen["positions"]
+        )
+    mntp = lm_loss(logits, next_token_targets(batch["labels"])[seen["positions"]])
+    relu = relu_loss(logits, next_token_targets(batch["tokens"])[seen["positions"]])
+    assert loss.item() == pytest.approx((mntp + relu).item(), rel=1e-5)

@@ -319,7 +319,8 @@ class AdaptationCollator:
     """Texts -> ``input_ids``, ``attention_mask`` (B, L, right-padded) and ``labels`` (B, L).
 
     Tokenized with the tokenizer's own special tokens (BOS for Llama-3), truncated to `max_length`
-    tokens. CLM: labels are the input ids, IGNORE_INDEX on padding. MNTP: see :func:`mntp_inputs`.
+    tokens. CLM: labels are the input ids, IGNORE_INDEX on padding. MNTP: see :func:`mntp_inputs`;
+    the batch also holds ``tokens``, the unmasked input ids (IGNORE_INDEX on padding).
     With `seed` the masks come from a private generator (one stream per dataloader worker: seed +
     worker id); without, from the global torch RNG, which the Trainer seeds and restores on resume.
     `n_texts` / `n_full` count the texts seen and those that filled `max_length` (were cut, or
@@ -383,15 +384,20 @@ class AdaptationCollator:
             if ids:
                 input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, : len(ids)] = 1
+        tokens = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, L) the text itself
         if self.objective == "clm":
-            labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        else:
-            input_ids, labels = mntp_inputs(
-                input_ids,
-                attention_mask,
-                self.mask_ratio,
-                int(self.mask_token_id),
-                self._special_ids,
-                generator=self._rng(),
-            )
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": tokens}
+        masked_ids, labels = mntp_inputs(
+            input_ids,
+            attention_mask,
+            self.mask_ratio,
+            int(self.mask_token_id),
+            self._special_ids,
+            generator=self._rng(),
+        )
+        return {
+            "input_ids": masked_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,  # the masked tokens only (the MNTP loss)
+            "tokens": tokens,  # every token (L_ReLU: every position, see csplade.training.adaptation)
+        }

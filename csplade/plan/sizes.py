@@ -121,8 +121,6 @@ def backbone_calls(arch: Architecture, workload: Workload) -> list[tuple[int, in
 
 
 def scored_positions(workload: Workload) -> int:
-    """Adaptation: positions the LM head is applied to in one micro-batch."""
-    scored = workload.batch_size * (workload.adapt_length - 1)
-    if workload.adapt_objective == "mntp":
-        scored = math.ceil(scored * workload.mask_ratio)
-    return scored
+    """Adaptation: positions the LM head is applied to in one micro-batch (L_ReLU: every position
+    with a next token, under MNTP as under CLM)."""
+    return workload.batch_size * (workload.adapt_length - 1)
