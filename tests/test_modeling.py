@@ -360,7 +360,8 @@ def test_folder_saved_by_csplade_0_1_loads(tmp_path):
     assert enc.config.extra == {"adaptation": {"steps": 6}}
     enc.save_pretrained(tmp_path / "again")
     resaved = json.loads((tmp_path / "again" / "csplade_config.json").read_text())
-    assert resaved == {**saved, "logit_scale": 1.0}  # settings added since keep their defaults
+    # settings added since take the value that computes what 0.1 computed
+    assert resaved == {**saved, "logit_scale": 1.0, "pool_next_token": False}
 
 
 def test_logit_scale_multiplies_logits_before_the_activation(tiny_encoder_factory):
@@ -382,3 +383,26 @@ def test_logit_scale_multiplies_logits_before_the_activation(tiny_encoder_factor
     assert torch.equal(base > 0, got > 0) and bool((got <= base).all())
     with pytest.raises(ValueError, match="logit_scale"):
         tiny_encoder_factory("llama", logit_scale=0)
+
+
+def test_bi_pools_the_positions_that_predict_the_text(tiny_encoder_factory):
+    uni = tiny_encoder_factory("llama", variant="uni")
+    bi = tiny_encoder_factory("llama", variant="bi")
+    assert (uni.config.pool_next_token, bi.config.pool_next_token) == (False, True)
+    texts = ["aa ab ac", "ba"]
+    own, shifted = uni.tokenize(texts), bi.tokenize(texts)
+    assert torch.equal(own["input_ids"], shifted["input_ids"])
+    for row in range(len(texts)):
+        text = own["pool_mask"][row].nonzero().flatten().tolist()
+        # each pooled position is the one before a text token (position 0 has none before it here:
+        # this tokenizer adds no BOS); the last text token's own position is not pooled
+        before = [i - 1 for i in text if i > 0]
+        assert shifted["pool_mask"][row].nonzero().flatten().tolist() == before
+    # inference-free queries weight their own tokens: no shift there
+    free = tiny_encoder_factory("llama", variant="bi", doc_only=True)
+    query = free.tokenize(texts, kind="query")
+    assert torch.equal(query["pool_mask"], uni.tokenize(texts, kind="query")["pool_mask"])
+    # describe() leaves out added settings at the value that computes what csplade 0.1 did, so
+    # indexes encoded before them still match their encoder
+    assert "pool_next_token" not in uni.describe() and "logit_scale" not in uni.describe()
+    assert bi.describe()["pool_next_token"] is True

@@ -20,6 +20,11 @@ BACKBONE_KINDS = ("causal", "mlm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
+# Settings added after csplade 0.1, with the value that computes what 0.1 computed: a folder saved
+# without one gets that value, and `SparseEncoder.describe` leaves a setting out while it has it, so
+# indexes encoded before the setting existed still match their encoder.
+ADDED_SETTINGS = {"logit_scale": 1.0, "pool_next_token": False}
+
 CONFIG_NAME = "csplade_config.json"
 QUERY_WEIGHTS_NAME = "query_weights.safetensors"
 HEAD_BIAS_NAME = "head_bias.safetensors"
@@ -52,6 +57,14 @@ class EncoderSettings:
     )
     head_chunk_size: int | None = field(
         default=None, metadata={"help": "vocab chunk of the fused head (None: its default)"}
+    )
+    pool_next_token: bool | None = field(
+        default=None,
+        metadata={
+            "help": "pool the positions whose NEXT token is the text's (a causal LM's logits at a "
+            "position predict the next token) instead of the text's own positions; None: on for "
+            "bi, whose last position predicts a token after the text and was never trained"
+        },
     )
     logit_scale: float = field(
         default=1.0,

@@ -41,7 +41,7 @@ from csplade.model import calibration, inputs
 from csplade.model import io as model_io
 from csplade.model.backbones import detect_kind
 from csplade.model.bidirectional import make_bidirectional
-from csplade.model.config import SparseEncoderConfig
+from csplade.model.config import ADDED_SETTINGS, SparseEncoderConfig
 from csplade.model.head import sparse_pool
 from csplade.model.output_head import (
     HeadCall,
@@ -85,6 +85,8 @@ class SparseEncoder(nn.Module):
         kind = config.backbone_kind or detect_kind(unwrap(backbone).config)
         if config.pool_special_tokens is None:
             config = replace(config, pool_special_tokens=kind == "mlm")
+        if config.pool_next_token is None:
+            config = replace(config, pool_next_token=config.variant == "bi")
         config = replace(config, backbone_kind=kind)
         if kind == "mlm" and config.variant == "bi":
             raise ValueError(
@@ -467,6 +469,9 @@ class SparseEncoder(nn.Module):
         """Identity of this encoder for index manifests: settings plus a fingerprint of its weights."""
         info = asdict(self.config)
         info.pop("extra", None)
+        for name, value in ADDED_SETTINGS.items():
+            if info.get(name) == value:
+                del info[name]
         info["vocab_size"] = self.vocab_size
         info["fingerprint"] = self.fingerprint()
         return info

@@ -35,6 +35,7 @@ from csplade.model.backbones import load_backbone, resolve_model
 from csplade.model.bidirectional import make_causal
 from csplade.model.card import CARD_NAME, card_text, write_card
 from csplade.model.config import (
+    ADDED_SETTINGS,
     CONFIG_NAME,
     HEAD_BIAS_NAME,
     QUERY_WEIGHTS_NAME,
@@ -160,6 +161,9 @@ def read_config(folder: Path) -> SparseEncoderConfig | None:
         saved = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{config_file}: invalid JSON ({exc})") from exc
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file}: expected a JSON object of encoder settings")
+    saved = {**ADDED_SETTINGS, **saved}  # a folder saved before a setting existed
     return SparseEncoderConfig.from_dict(saved, source=str(config_file))
 
 
@@ -206,6 +210,8 @@ def load(
     load_kwargs = quantization.backbone_load_kwargs(mode, load_kwargs, path=path, device=device)
     query_weights = head_bias = None
     if saved is not None:
+        if "variant" in overrides and "pool_next_token" not in overrides:
+            overrides["pool_next_token"] = None  # resolved again for the variant asked for
         config = saved.with_overrides(**overrides)
         if config.adapter:
             from peft import PeftModel
