@@ -371,4 +371,6 @@ def test_adaptation_trains_on_a_parquet_corpus(task, tmp_path):
     out = run_adaptation(model_args, adapt_args, training_args)
     adaptation = json.loads((out / "csplade_config.json").read_text())["extra"]["adaptation"]
     assert adaptation["steps"] == 2 and adaptation["data"].endswith("corpus.parquet")
-    assert "**Adaptation** (clm + ReLU activation loss): 2 steps" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "**Adaptation** (clm + ReLU activation loss): 2 steps" in card
+    assert f"\n# {out.name}\n" in card  # named after its folder, not the temporary one

@@ -75,6 +75,7 @@ from csplade._io import replace_folder_files
 from csplade.data.sampling import ADAPT_OBJECTIVES as OBJECTIVES
 from csplade.data.sampling import IGNORE_INDEX, AdaptationCollator
 from csplade.data.texts import read_texts
+from csplade.model.card import write_card
 from csplade.model.encoder import SparseEncoder
 from csplade.model.head import splade_activation
 from csplade.training.arguments import AdaptationArguments, ModelArguments
@@ -378,6 +379,7 @@ def _save_final(encoder: SparseEncoder, output_dir: Path) -> None:
         prefix=f".{output_dir.name}-final-", dir=output_dir.parent
     ) as tmp:
         encoder.save_pretrained(tmp, atomic=False)
+        write_card(tmp, output_dir.resolve().name)  # named after the folder it lands in
         stale = replace_folder_files(Path(tmp), output_dir)
     if stale:
         logger.info("replaced the files of an earlier save in %s: %s", output_dir, stale)
