@@ -122,7 +122,13 @@ def test_slice_keeps_every_judged_doc_of_the_kept_queries(adi):
     order = [data.doc_ids.index(d) for d in part.doc_ids]
     assert order == sorted(order)  # corpus order
     assert part.doc_texts[0] == data.doc_texts[order[0]]
-    assert "20 of 82 docs" in note and "3 of 35 queries" in note
+    assert "20 of 82 docs" in note and "3 of 35 queries" in note and "random" in note
+    # The docs beyond the judged ones are drawn at random, the same for the same seed.
+    assert slice_data(data, max_docs=20, max_queries=3)[0] == part
+    other, _ = slice_data(data, max_docs=20, max_queries=3, seed=1)
+    assert judged <= set(other.doc_ids) and other.doc_ids != part.doc_ids
+    first = [d for d in data.doc_ids if d not in judged][: 20 - len(judged)]
+    assert set(part.doc_ids) - judged != set(first)  # not the corpus's first docs
     # Fewer docs than judged ones: the judged docs are all kept (recall is not capped).
     small, _ = slice_data(data, max_docs=1, max_queries=3)
     assert set(small.doc_ids) == judged and len(judged) > 1

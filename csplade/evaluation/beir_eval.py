@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -76,13 +77,15 @@ class SystemSpec:
 
 
 def slice_data(
-    data: BeirData, max_docs: int | None, max_queries: int | None
+    data: BeirData, max_docs: int | None, max_queries: int | None, seed: int = 0
 ) -> tuple[BeirData, str | None]:
     """The data restricted to a slice, and a note saying so (None: no slice asked, all the data).
 
     Queries: the first `max_queries` judged queries (file order). Docs, in corpus order: every doc
-    judged for a kept query, plus the first other docs of the corpus up to `max_docs` in all (the
-    judged docs are kept even when they alone exceed `max_docs`).
+    judged for a kept query, plus other docs of the corpus drawn at random (`seed`) up to `max_docs`
+    in all (the judged docs are kept even when they alone exceed `max_docs`). Random, not the first
+    docs: a corpus's first docs can be a topic of their own (one source, one year), which makes the
+    distractors easier or harder than the collection's.
     """
     if max_docs is None and max_queries is None:
         return data, None
@@ -98,19 +101,14 @@ def slice_data(
             raise ValueError(f"max_docs must be >= 1, got {max_docs}")
         judged = {d for rel in qrels.values() for d in rel}
         keep = [i for i, d in enumerate(doc_ids) if d in judged]
-        seen = set(keep)
-        for i in range(len(doc_ids)):
-            if len(keep) >= max_docs:
-                break
-            if i not in seen:
-                keep.append(i)
-                seen.add(i)
-        keep.sort()
+        others = [i for i, d in enumerate(doc_ids) if d not in judged]
+        fill = min(max(max_docs - len(keep), 0), len(others))
+        keep = sorted(keep + random.Random(seed).sample(others, fill))
         doc_ids = [data.doc_ids[i] for i in keep]
         texts = [data.doc_texts[i] for i in keep]
     note = (
         f"slice of {data.name}: {len(doc_ids)} of {len(data.doc_ids)} docs (all judged docs of the "
-        f"kept queries + the first docs), {len(queries)} of {len(data.queries)} queries"
+        f"kept queries + docs drawn at random, seed {seed}), {len(queries)} of {len(data.queries)} queries"
     )
     return replace(data, doc_ids=doc_ids, doc_texts=texts, queries=queries, qrels=qrels), note
 
