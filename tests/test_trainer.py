@@ -234,3 +234,37 @@ def test_head_bias_is_calibrated_then_trained_and_resumed(task, tmp_path):
     assert want.keys() == got.keys() and "head_bias" in got
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_lora_from_an_adapted_folder_reloads_on_that_folder(task, tmp_path):
+    # A folder written by `csplade adapt` records the raw backbone it came from as base_model; an
+    # adapter trained on it must reload on the adapted weights, not on that raw backbone.
+    adapted = SparseEncoder.from_pretrained(task["base"])
+    with torch.no_grad():
+        for p in adapted.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    adapted.save_pretrained(tmp_path / "adapted")
+    assert json.loads((tmp_path / "adapted" / "csplade_config.json").read_text())["base_model"]
+    out = run_training(
+        *parse_recipe(
+            None,
+            [*_args(task, tmp_path / "lora", "--max_steps", "2", "--use_lora", "--lora_r", "4"),
+             "--model_name_or_path", str(tmp_path / "adapted")],
+        )
+    )  # fmt: skip
+    config = json.loads((out / "csplade_config.json").read_text())
+    assert config["adapter"] and Path(config["base_model"]) == (tmp_path / "adapted").resolve()
+    trained = SparseEncoder.from_pretrained(out)
+    under = trained.backbone.get_base_model().state_dict()
+    for name, value in adapted.backbone.state_dict().items():
+        key = name if name in under else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(value, under[key]), f"{name}: the adapter reloaded on another base"
+    # A second LoRA run on top of an adapter folder is refused (its base exists in no folder).
+    with pytest.raises(ValueError, match="holds a LoRA adapter"):
+        run_training(
+            *parse_recipe(
+                None,
+                [*_args(task, tmp_path / "again", "--max_steps", "1", "--use_lora"),
+                 "--model_name_or_path", str(out)],
+            )
+        )  # fmt: skip

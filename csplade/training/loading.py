@@ -18,6 +18,8 @@ that makes LLM training steps affordable on a CPU (`csplade demo`), at the price
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from csplade.model.config import DTYPES
@@ -45,7 +47,15 @@ def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
     )
     if encoder.is_adapter:
         # A checkpoint saved as an adapter (e.g. a LoRA adaptation phase): fold it into the base
-        # before training goes on, with a fresh adapter if LoRA is asked for again.
+        # before training goes on (full fine-tuning saves whole weights).
+        if model_args.use_lora:
+            # a new adapter would apply to merged weights that exist in no folder: it could not be
+            # reloaded (it used to record the first base and reload on it, silently wrong)
+            raise ValueError(
+                f"{model_args.model_name_or_path} holds a LoRA adapter; a second LoRA run needs a "
+                "base with whole weights (run the adaptation with merge_adapter: true, which "
+                "saves merged weights), or train without use_lora"
+            )
         encoder.backbone = encoder.backbone.merge_and_unload()
         logger.info("merged the adapter of %s into its base", model_args.model_name_or_path)
     if qconfig is not None:
@@ -56,8 +66,17 @@ def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
         )
     if model_args.use_lora:
         apply_lora(encoder, model_args)
+        # The adapter applies to the weights loaded here, not to the base they came from: a folder
+        # saved by `csplade adapt` records its own base (the raw backbone) as `base_model`.
+        encoder.config = replace(encoder.config, base_model=_as_base(model_args.model_name_or_path))
     encoder.train()
     return encoder
+
+
+def _as_base(name_or_path: str) -> str:
+    """A local folder as an absolute path (the adapter is reloaded from anywhere), a name as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
 
 
 def apply_lora(encoder: SparseEncoder, model_args: ModelArguments) -> SparseEncoder:
