@@ -160,7 +160,10 @@ def _encode_docs(
     def encode_fn(texts: list[str]):
         nonlocal n_encoded
         start = time.perf_counter()
-        reps = encoder.encode_docs(texts, batch_size=options.batch_size, show_progress=False)
+        # a shard can take minutes on a CPU: its batches show progress too (the outer bar: shards)
+        reps = encoder.encode_docs(
+            texts, batch_size=options.batch_size, show_progress=options.show_progress
+        )
         seconds.append(time.perf_counter() - start)
         n_encoded += len(texts)
         return reps
