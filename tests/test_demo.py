@@ -39,6 +39,7 @@ def _tiny_settings(variant: str):
         },
         max_docs=None,
         max_queries=None,
+        compare_untrained=True,
     )
 
 
@@ -57,6 +58,7 @@ def test_demo_runs_end_to_end_and_caches_its_stages(backbone, adi, tmp_path, var
     written = run_demo(out, settings=settings, data=adi, backbone=backbone, train_split="test")
 
     assert (out / f"adapt-{variant}" / "csplade_config.json").exists()
+    assert (out / "groups-bm25-test.jsonl").stat().st_size > 0  # BM25 negatives mined first
     assert (out / f"train-{variant}" / "adapter_model.safetensors").exists()
     metrics = json.loads((written["table"].parent / "metrics.json").read_text())
     systems = [f"tiny-{variant}-untrained", f"tiny-{variant}-trained", "bm25"]
@@ -68,7 +70,7 @@ def test_demo_runs_end_to_end_and_caches_its_stages(backbone, adi, tmp_path, var
     table = summary_table(written["table"].parent)
     assert all(f"| {system} | adi |" in table for system in systems)
     timings = json.loads((out / "timings.json").read_text())
-    assert {"adapt_s", "train_s", "eval_s"} <= set(timings)
+    assert {"adapt_s", "mine_s", "train_s", "eval_s"} <= set(timings)
 
     # second run: adaptation and training are skipped (their folders are not rewritten)
     stamp = (out / f"train-{variant}" / "adapter_model.safetensors").stat().st_mtime_ns
