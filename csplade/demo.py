@@ -56,8 +56,8 @@ class DemoSettings:
             "adapt_max_length": 128,
             "max_adapt_texts": 800,
             "per_device_train_batch_size": 8,
-            # 50 or 80 steps at lr 2e-4 left the queries firing on ~7-8k terms and the contrastive
-            # phase collapsed; 100 steps at 3e-4 start it at ~90
+            # after 50 or 80 steps at 2e-4 the contrastive phase started from queries firing on
+            # 7-8k terms and scores of 1e4 (as the runs that collapsed did)
             "max_steps": 100,
             "learning_rate": 3e-4,
             "warmup_steps": 10,
