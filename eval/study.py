@@ -29,6 +29,7 @@ import logging
 import time
 from pathlib import Path
 
+from csplade._io import write_json_atomic, write_text_atomic
 from csplade.data.mining import mine
 from csplade.data.teachers import score_groups
 from csplade.evaluation.beir_eval import SystemSpec, evaluate
@@ -50,7 +51,7 @@ def _timed(record: Path, run) -> float:
     if not record.exists():
         started = time.time()
         run()
-        record.write_text(json.dumps({"seconds": time.time() - started}))
+        write_json_atomic(record, {"seconds": time.time() - started})
     return json.loads(record.read_text())["seconds"]
 
 
@@ -71,9 +72,7 @@ def training_groups(args, out: Path) -> tuple[Path, Path]:
                 mine(name, part, model="bm25", n_negatives=8, pseudo=args.pseudo,
                      max_queries=args.pseudo_queries)  # fmt: skip
                 parts.append(part)
-        tmp = plain.with_suffix(".tmp")
-        tmp.write_text("".join(p.read_text(encoding="utf-8") for p in parts), encoding="utf-8")
-        tmp.replace(plain)
+        write_text_atomic(plain, "".join(p.read_text(encoding="utf-8") for p in parts))
     if "distill" in args.losses and not scored.exists():
         score_groups(plain, TEACHERS, scored, normalization="zscore")
     return plain, scored
@@ -179,7 +178,7 @@ def report(args, out: Path, rows, metrics: dict) -> Path:
         cells = " | ".join(cell(name, d) for d in args.datasets)
         lines.append(f"| {arm} | {step} | {minutes:.0f} | {cells} |")
     table = out / "table.md"
-    table.write_text("\n".join(lines) + "\n\nnDCG@10 (ratio to BM25 in the same run).\n")
+    write_text_atomic(table, "\n".join(lines) + "\n\nnDCG@10 (ratio to BM25 in the same run).\n")
     _plot(args, out, rows, metrics)
     return table
 
