@@ -1,0 +1,65 @@
+"""eval/study.py's training data: groups of several data sets, those without a negative left out."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+from csplade.data.groups import read_groups_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("study", REPO / "eval" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _beir(folder: Path, docs: dict, queries: dict, qrels: list) -> Path:
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n" for d, t in docs.items())
+    )
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items())
+    )
+    (folder / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in qrels)
+    )
+    return folder
+
+
+def test_groups_of_two_data_sets_leave_out_queries_without_a_bm25_negative(tmp_path, caplog):
+    study = _study()
+    first = _beir(
+        tmp_path / "first",
+        {"a1": "apple banana", "a2": "apple cherry", "a3": "apple date"},
+        {"q1": "apple banana"},
+        [("q1", "a1")],
+    )
+    # q3's only BM25 hit is its judged document (NFCorpus has 243 such train queries)
+    second = _beir(
+        tmp_path / "second",
+        {"b1": "zebra yak", "b2": "lemon lime", "b3": "lemon melon"},
+        {"q2": "lemon lime", "q3": "zebra"},
+        [("q2", "b2"), ("q3", "b1")],
+    )
+    args = argparse.Namespace(train_data=[str(first), str(second)], pseudo=None, losses=["infonce"])
+    out = tmp_path / "study"
+    out.mkdir()
+    with caplog.at_level(logging.INFO, logger="csplade.study"):
+        plain, _ = study.training_groups(args, out)
+    rows = [json.loads(line) for line in plain.read_text().splitlines()]
+    assert sorted(r["query_id"] for r in rows) == ["q1", "q2"]
+    assert all(r["negatives"] for r in rows)
+    assert "groups-second-bm25.jsonl: 1 of 2 groups have no BM25 negative" in caplog.text
+    table, _ = read_groups_jsonl(plain, cache_dir=tmp_path / "cache")
+    assert len(table) == 2
+    assert study._training_data(args, out) == (
+        "first 1 + second 1 groups (BM25 negatives), 2 in all"
+    )
