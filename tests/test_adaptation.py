@@ -503,6 +503,35 @@ def test_run_adaptation_bi_full_finetune(corpus_and_backbone, tmp_path, monkeypa
     assert len(changed) > len(original) // 2  # a full fine-tune moves most tensors
 
 
+@pytest.mark.parametrize("queries", [True, False])
+def test_adaptation_calibrates_on_its_texts_and_their_query_length_spans(
+    corpus_and_backbone, tmp_path, queries
+):
+    from csplade.data.texts import query_length_spans
+
+    corpus, backbone = corpus_and_backbone
+    out = tmp_path / "adapted"
+    model_args = ModelArguments(
+        model_name_or_path=str(backbone), head_bias_df=0.1, head_bias_queries=queries,
+        query_max_length=4,
+    )  # fmt: skip
+    run_adaptation(
+        model_args,
+        AdaptationArguments(adapt_data=str(corpus), max_adapt_texts=40),
+        training_args(tmp_path, output_dir=str(out), max_steps=2),
+    )
+    reloaded = SparseEncoder.from_pretrained(out)
+    saved = reloaded.head_bias.detach().clone()
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()][:40]
+    reloaded.head_bias = None
+    k = math.ceil(0.9 * len(texts))
+    want = reloaded.raw_max_logits(texts).kthvalue(k, 0).values
+    if queries:
+        spans = reloaded.raw_max_logits(query_length_spans(texts), kind="query")
+        want = torch.maximum(want, spans.kthvalue(k, 0).values)
+    torch.testing.assert_close(saved, -want)
+
+
 def test_run_adaptation_refuses_bad_settings(tmp_path):
     model_args = ModelArguments(model_name_or_path="unused")
     with pytest.raises(ValueError, match="adapt_data"):

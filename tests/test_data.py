@@ -649,3 +649,43 @@ def test_load_training_groups_dispatch(tmp_path, cache):
         load_training_groups(
             DataArguments(train_data=str(path), negatives_run="run.trec"), seed=0, cache_dir=cache
         )
+
+
+def test_calibration_texts_are_spread_over_sources_in_one_file(tmp_path):
+    """Groups of two data sets one after the other: calibration samples both, not the first only."""
+    from csplade.data.groups import load_training_groups
+    from csplade.data.texts import calibration_documents, query_texts
+    from csplade.training.arguments import DataArguments
+
+    path = tmp_path / "groups.jsonl"
+    with path.open("w") as f:
+        for source in ("first", "second"):
+            for i in range(50):
+                row = {"query": f"{source} query {i}", "positives": [f"{source} doc {i}"],
+                       "negatives": [f"{source} negative {i} {j}" for j in range(3)]}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+    dataset = load_training_groups(
+        DataArguments(train_data=str(path), group_size=2), seed=0, cache_dir=tmp_path / "cache"
+    )
+    queries = query_texts(dataset, 10)
+    assert len(queries) == 10 == len(set(queries))
+    assert {q.split()[0] for q in queries} == {"first", "second"}
+    assert queries[0] == "first query 0" and queries[-1] == "second query 49"
+    docs = calibration_documents(dataset, 20)
+    assert len(docs) == 20 == len(set(docs))
+    # a positive of each of the 20 spread groups first, both sources among them
+    assert all(" doc " in d for d in docs) and {d.split()[0] for d in docs} == {"first", "second"}
+    docs = calibration_documents(dataset, 500)  # every document once
+    assert len(docs) == 400 == len(set(docs))
+
+
+def test_query_length_spans_draw_one_sentence_per_text_seeded():
+    from csplade.data.texts import query_length_spans
+
+    texts = ["First claim here. Second claim is longer! A third one?", "no boundary at all here"]
+    spans = query_length_spans(texts, seed=3)
+    assert spans == query_length_spans(texts, seed=3)
+    assert spans[0] in {"First claim here.", "Second claim is longer!", "A third one?"}
+    assert spans[1] == texts[1]
+    drawn = {query_length_spans(texts, seed=s)[0] for s in range(20)}
+    assert len(drawn) == 3

@@ -331,6 +331,26 @@ def test_head_bias_calibration_sets_each_terms_document_frequency(tmp_path):
         enc.calibrate_head_bias(texts, doc_fraction=1.5)
 
 
+def test_head_bias_calibrated_on_queries_too_caps_both_frequencies(tmp_path):
+    base = _save_tiny_backbone(tmp_path)
+    enc = SparseEncoder.from_pretrained(base, query_max_length=4)
+    docs = random_texts(200, 8, 16, seed=11)
+    queries = random_texts(200, 1, 3, seed=12)
+    doc_only = enc.calibrate_head_bias(docs, doc_fraction=0.05).clone()
+    both = enc.calibrate_head_bias(docs, doc_fraction=0.05, queries=queries).clone()
+    enc.head_bias = None
+    raw_docs, raw_queries = enc.raw_max_logits(docs), enc.raw_max_logits(queries, kind="query")
+    k = int(np.ceil(0.95 * 200))
+    want = -torch.maximum(raw_docs.kthvalue(k, 0).values, raw_queries.kthvalue(k, 0).values)
+    torch.testing.assert_close(both, want)
+    torch.testing.assert_close(doc_only, -raw_docs.kthvalue(k, 0).values)
+    # each term fires in at most ~5% of the documents and of the queries
+    for raw in (raw_docs, raw_queries):
+        assert ((raw + both) > 0).float().mean(0).max() <= 0.05
+    # never a lower threshold than the documents' alone; a higher one where queries run hotter
+    assert (both <= doc_only).all() and (both < doc_only).any()
+
+
 def test_folder_saved_by_csplade_0_1_loads(tmp_path):
     # csplade_config.json exactly as csplade 0.1 (one modeling.py) wrote it: same keys, same meaning
     folder = _save_tiny_backbone(tmp_path)

@@ -236,6 +236,32 @@ def test_head_bias_is_calibrated_then_trained_and_resumed(task, tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_recalibrate_replaces_a_bias_with_one_set_on_the_training_data(task, tmp_path, recalibrate):
+    """An adapted model's bias was set on other texts at other lengths: with head_bias_recalibrate
+    the run starts from a bias calibrated on its training documents and queries (lr 0 keeps it)."""
+    from csplade.data.groups import load_training_groups
+    from csplade.training.contrastive import calibrate_on_training_docs
+
+    start = tmp_path / "adapted"
+    encoder = SparseEncoder.from_pretrained(task["base"])
+    encoder.calibrate_head_bias([d for _, d in task["held"]], doc_fraction=0.3)
+    encoder.save_pretrained(start)
+    extra = ["--model_name_or_path", str(start), "--head_bias_df", "0.05", "--max_steps", "1",
+             "--learning_rate", "0", "--head_bias_recalibrate", str(recalibrate).lower()]  # fmt: skip
+    model_args, _, data_args, _ = parse_recipe(None, _args(task, tmp_path / "run", *extra))
+    out = run_training(*parse_recipe(None, _args(task, tmp_path / "run", *extra)))
+    got = _weights(out)["head_bias"]
+    if not recalibrate:
+        torch.testing.assert_close(got, encoder.head_bias.detach())
+        return
+    reference = SparseEncoder.from_pretrained(start, query_max_length=model_args.query_max_length,
+                                              doc_max_length=model_args.doc_max_length)  # fmt: skip
+    calibrate_on_training_docs(reference, load_training_groups(data_args, seed=7), 0.05)
+    torch.testing.assert_close(got, reference.head_bias.detach())
+    assert not torch.allclose(got, encoder.head_bias.detach())
+
+
 def test_lora_from_an_adapted_folder_reloads_on_that_folder(task, tmp_path):
     # A folder written by `csplade adapt` records the raw backbone it came from as base_model; an
     # adapter trained on it must reload on the adapted weights, not on that raw backbone.

@@ -7,6 +7,7 @@ folder or hub dataset with a 'text' column) or a plain-text file into a cached A
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -210,6 +211,60 @@ def document_texts(dataset: GroupDataset | StreamingGroupDataset) -> Iterator[st
                 if text not in seen:
                     seen.add(text)
                     yield text
+
+
+def spread_groups(dataset: GroupDataset | StreamingGroupDataset, n: int) -> list[dict[str, Any]]:
+    """Up to `n` groups spread evenly over the training data (a stream: its first `n`).
+
+    Training files are often several sources one after the other (SciFact's then NFCorpus's
+    groups): the first `n` would sample the first source only.
+    """
+    if isinstance(dataset, StreamingGroupDataset):
+        return list(itertools.islice(dataset.rows(), n))
+    size = len(dataset.groups)
+    picks = sorted({int(i) for i in np.linspace(0, size - 1, num=min(n, size))}) if size else []
+    return list(dataset.groups.select(picks))
+
+
+def calibration_documents(dataset: GroupDataset | StreamingGroupDataset, n: int) -> list[str]:
+    """Up to `n` distinct training documents for the head-bias calibration.
+
+    Groups holding their texts: a positive of each of `n` groups spread over the data, then their
+    other documents round by round; a corpus or a stream: its first `n` (:func:`document_texts`).
+    """
+    if isinstance(dataset, StreamingGroupDataset) or dataset.corpus is not None:
+        return list(itertools.islice(document_texts(dataset), n))
+    groups = spread_groups(dataset, n)
+    per_group = [[*row["positives"], *row["negatives"]] for row in groups]
+    chosen: dict[str, None] = {}
+    for depth in range(max(map(len, per_group), default=0)):
+        for texts in per_group:
+            if depth < len(texts):
+                chosen.setdefault(texts[depth])
+                if len(chosen) >= n:
+                    return list(chosen)
+    return list(chosen)
+
+
+def query_texts(dataset: GroupDataset | StreamingGroupDataset, n: int) -> list[str]:
+    """Up to `n` distinct query texts of the training data, spread over it (:func:`spread_groups`)."""
+    return list(dict.fromkeys(row["query"] for row in spread_groups(dataset, n)))
+
+
+def query_length_spans(texts: list[str], seed: int = 0) -> list[str]:
+    """One query-like span per text: a sentence drawn at random (seeded), else the whole text.
+
+    Stand-ins for queries where only documents are known (the adaptation phase): a query is encoded
+    at ``query_max_length``, so a text with no sentence boundary is cut there like one.
+    """
+    from csplade.data.pseudo import sentences
+
+    rng = np.random.default_rng(seed)
+    spans = []
+    for text in texts:
+        parts = [s for s in sentences(text) if len(s.split()) >= 3] or [text]
+        spans.append(parts[int(rng.integers(len(parts)))])
+    return spans
 
 
 def corpus_idf(

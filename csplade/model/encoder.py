@@ -310,10 +310,14 @@ class SparseEncoder(nn.Module):
         return calibration.raw_max_logits(self, texts, kind=kind, batch_size=batch_size)
 
     def calibrate_head_bias(
-        self, texts: Sequence[str], doc_fraction: float = 0.01, batch_size: int = 16
+        self,
+        texts: Sequence[str],
+        doc_fraction: float = 0.01,
+        batch_size: int = 16,
+        queries: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """See :func:`csplade.model.calibration.calibrate_head_bias`."""
-        return calibration.calibrate_head_bias(self, texts, doc_fraction, batch_size)
+        return calibration.calibrate_head_bias(self, texts, doc_fraction, batch_size, queries)
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any

@@ -74,7 +74,7 @@ from transformers import set_seed
 from csplade._io import replace_folder_files
 from csplade.data.sampling import ADAPT_OBJECTIVES as OBJECTIVES
 from csplade.data.sampling import IGNORE_INDEX, AdaptationCollator
-from csplade.data.texts import read_texts
+from csplade.data.texts import query_length_spans, read_texts
 from csplade.model.card import write_card
 from csplade.model.encoder import SparseEncoder
 from csplade.model.head import splade_activation
@@ -385,13 +385,18 @@ def _save_final(encoder: SparseEncoder, output_dir: Path) -> None:
         logger.info("replaced the files of an earlier save in %s: %s", output_dir, stale)
 
 
-def _calibrate(encoder: SparseEncoder, texts, doc_fraction: float, n: int = 512) -> None:
-    """Calibrate the head bias on (up to `n` of) the adaptation texts.
+def _calibrate(
+    encoder: SparseEncoder, texts, doc_fraction: float, queries: bool, n: int = 512
+) -> None:
+    """Calibrate the head bias on (up to `n` of) the adaptation texts; with `queries`, on a
+    sentence of each of them as well, encoded as a query (:func:`query_length_spans`).
 
     A model ZeRO-3 partitioned at load time is held whole for the pass (before the engine exists).
     """
+    docs = texts.select(range(min(n, len(texts))))["text"]
+    spans = query_length_spans(docs) if queries else None
     with gathered(encoder):
-        encoder.calibrate_head_bias(texts.select(range(min(n, len(texts))))["text"], doc_fraction)
+        encoder.calibrate_head_bias(docs, doc_fraction, queries=spans)
 
 
 def run_adaptation(
@@ -481,7 +486,7 @@ def _merge_calibrate_save(trainer, model_args, merge: bool, texts, provenance, o
             final.backbone = final.backbone.merge_and_unload()
         if model_args.head_bias_df is not None:
             # after the LM phase, which moved the logits: calibrate on the adaptation texts
-            _calibrate(final, texts, model_args.head_bias_df)
+            _calibrate(final, texts, model_args.head_bias_df, model_args.head_bias_queries)
         final.config = replace(final.config, extra={**final.config.extra, "adaptation": provenance})
         _save_final(final, out)
         logger.info("adapted encoder saved to %s (%s)", out, "merged" if merge else "as saved")

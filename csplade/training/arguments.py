@@ -47,6 +47,23 @@ class ModelArguments(EncoderSettings):
             "training documents before training, when the model has none (e.g. 0.01)"
         },
     )
+    head_bias_queries: bool = field(
+        default=True,
+        metadata={
+            "help": "calibrate the head bias on query-length texts too (the training queries; in "
+            "the adaptation phase a sentence of each text): each term then fires in at most "
+            "head_bias_df of the documents and of the queries (csplade.model.calibration)"
+        },
+    )
+    head_bias_recalibrate: bool = field(
+        default=False,
+        metadata={
+            "help": "with head_bias_df, calibrate before contrastive training even when the model "
+            "has a bias: an adapted model's was set on adaptation texts at the adaptation length, "
+            "not on the training queries and documents at their lengths (keep false to go on "
+            "training a trained model)"
+        },
+    )
     model_dtype: str = field(
         default="float32", metadata={"help": "weights dtype: float32 | bfloat16 | float16"}
     )

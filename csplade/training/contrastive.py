@@ -21,7 +21,6 @@ except the loss math, which is exact for any split (see csplade.training.losses)
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ from transformers import TrainerCallback, set_seed
 
 from csplade.data.groups import load_training_groups
 from csplade.data.sampling import GroupCollator
-from csplade.data.texts import corpus_idf, document_texts
+from csplade.data.texts import calibration_documents, corpus_idf, query_texts
 from csplade.model.card import write_card
 from csplade.model.encoder import SparseEncoder
 from csplade.training import losses
@@ -180,8 +179,11 @@ def run_training(
     dataset = load_training_groups(data_args, seed=seed)  # bad data fails before a model loads
     set_seed(training_args.seed)
     encoder = load_encoder_for_training(model_args)
-    if model_args.head_bias_df is not None and encoder.head_bias is None:
-        calibrate_on_training_docs(encoder, dataset, model_args.head_bias_df)
+    recalibrate = model_args.head_bias_recalibrate and encoder.head_bias is not None
+    if model_args.head_bias_df is not None and (encoder.head_bias is None or recalibrate):
+        calibrate_on_training_docs(
+            encoder, dataset, model_args.head_bias_df, queries=model_args.head_bias_queries
+        )
     idf = None
     if loss_args.doc_regularizer == "idf_flops" or model_args.doc_only:
         idf = corpus_idf(encoder, dataset)
@@ -219,14 +221,18 @@ def run_training(
     return Path(training_args.output_dir)
 
 
-def calibrate_on_training_docs(encoder: SparseEncoder, dataset, doc_fraction: float, n: int = 512):
-    """Calibrate the encoder's head bias on up to `n` training documents (every process the same).
+def calibrate_on_training_docs(
+    encoder: SparseEncoder, dataset, doc_fraction: float, n: int = 512, queries: bool = True
+):
+    """Calibrate the encoder's head bias on up to `n` training documents, and with `queries` on up to
+    `n` training queries too, both spread over the training data (every process the same).
 
     A model ZeRO-3 partitioned at load time is held whole for the pass (before the engine exists).
     """
-    texts = list(itertools.islice(document_texts(dataset), n))
+    texts = calibration_documents(dataset, n)
+    query_list = query_texts(dataset, n) if queries else None
     with gathered(encoder):
-        encoder.calibrate_head_bias(texts, doc_fraction=doc_fraction)
+        encoder.calibrate_head_bias(texts, doc_fraction=doc_fraction, queries=query_list)
 
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path) -> Path:
