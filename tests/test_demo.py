@@ -60,6 +60,10 @@ def test_demo_runs_end_to_end_and_caches_its_stages(backbone, adi, tmp_path, var
     assert (out / f"adapt-{variant}" / "csplade_config.json").exists()
     assert (out / "groups-bm25-test.jsonl").stat().st_size > 0  # BM25 negatives mined first
     assert (out / f"train-{variant}" / "adapter_model.safetensors").exists()
+    # bi trains with head_bias_recalibrate: the adaptation leaves the bias to it
+    adapted_bias = (out / f"adapt-{variant}" / "head_bias.safetensors").exists()
+    assert adapted_bias is (variant != "bi")
+    assert (out / f"train-{variant}" / "head_bias.safetensors").exists()
     metrics = json.loads((written["table"].parent / "metrics.json").read_text())
     systems = [f"tiny-{variant}-untrained", f"tiny-{variant}-trained", "bm25"]
     assert list(metrics) == systems
