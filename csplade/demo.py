@@ -58,8 +58,9 @@ class DemoSettings:
             "adapt_max_length": 128,
             "max_adapt_texts": 800,
             "per_device_train_batch_size": 8,
-            # after 50 or 80 steps at 2e-4 the contrastive phase started from queries firing on
-            # 7-8k terms and scores of 1e4 (as the runs that collapsed did)
+            # after 50 or 80 steps at 2e-4 (and a bias set on documents only) the first five
+            # contrastive steps logged queries of 7-8k terms and scores of 1e4 (as the runs that
+            # collapsed did)
             "max_steps": 100,
             "learning_rate": 3e-4,
             "warmup_steps": 10,
