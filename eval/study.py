@@ -91,11 +91,15 @@ def _with_negatives(groups: Path) -> str:
     terms occur in a handful of documents only) has nothing to contrast with in a group of 2.
     """
     lines = groups.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["negatives"]]
+    kept = [line for line in lines if _has_negative(line)]
     if len(kept) < len(lines):
         logger.info("%s: %d of %d groups have no BM25 negative (every hit judged relevant): "
                     "left out", groups.name, len(lines) - len(kept), len(lines))  # fmt: skip
     return "".join(kept)
+
+
+def _has_negative(line: str) -> bool:
+    return bool(json.loads(line)["negatives"])
 
 
 def adapt(args, variant: str, out: Path) -> Path:
@@ -220,7 +224,7 @@ def _training_data(args, out: Path) -> str:
 
 def _n_groups(groups: Path) -> int:
     with groups.open(encoding="utf-8") as f:
-        return sum(1 for line in f if json.loads(line)["negatives"])
+        return sum(map(_has_negative, f))
 
 
 def _plot(args, out: Path, rows, metrics: dict) -> None:

@@ -249,8 +249,9 @@ def test_recalibrate_replaces_a_bias_with_one_set_on_the_training_data(task, tmp
     encoder.save_pretrained(start)
     extra = ["--model_name_or_path", str(start), "--head_bias_df", "0.05", "--max_steps", "1",
              "--learning_rate", "0", "--head_bias_recalibrate", str(recalibrate).lower()]  # fmt: skip
-    model_args, _, data_args, _ = parse_recipe(None, _args(task, tmp_path / "run", *extra))
-    out = run_training(*parse_recipe(None, _args(task, tmp_path / "run", *extra)))
+    parsed = parse_recipe(None, _args(task, tmp_path / "run", *extra))
+    model_args, _, data_args, _ = parsed
+    out = run_training(*parsed)
     got = _weights(out)["head_bias"]
     if not recalibrate:
         torch.testing.assert_close(got, encoder.head_bias.detach())

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from csplade.data.beir import doc_text
 from csplade.data.formats import Source, file_kind, is_saved_dataset, resolve
+from csplade.data.pseudo import sentences
 from csplade.data.rows import (
     SKIP_FEATURES,
     BadRow,
@@ -257,8 +258,6 @@ def query_length_spans(texts: list[str], seed: int = 0) -> list[str]:
     Stand-ins for queries where only documents are known (the adaptation phase): a query is encoded
     at ``query_max_length``, so a text with no sentence boundary is cut there like one.
     """
-    from csplade.data.pseudo import sentences
-
     rng = np.random.default_rng(seed)
     spans = []
     for text in texts:

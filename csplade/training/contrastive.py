@@ -179,8 +179,9 @@ def run_training(
     dataset = load_training_groups(data_args, seed=seed)  # bad data fails before a model loads
     set_seed(training_args.seed)
     encoder = load_encoder_for_training(model_args)
-    recalibrate = model_args.head_bias_recalibrate and encoder.head_bias is not None
-    if model_args.head_bias_df is not None and (encoder.head_bias is None or recalibrate):
+    if model_args.head_bias_df is not None and (
+        encoder.head_bias is None or model_args.head_bias_recalibrate
+    ):
         calibrate_on_training_docs(
             encoder, dataset, model_args.head_bias_df, queries=model_args.head_bias_queries
         )
