@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from csplade.data.beir import DATA_ENV, download_beir, find_dataset
 from csplade.data.mining import mine
 from csplade.evaluation.beir_eval import SystemSpec, evaluate
@@ -170,10 +168,9 @@ def adapt_stage(
 
 def _training_recalibrates(settings: DemoSettings) -> bool:
     """Whether the training stage calibrates the head bias whatever the adapted model holds."""
-    path = _recipe(RECIPES, f"train-{settings.variant}.yaml")
-    recipe = yaml.safe_load(path.read_text()) if path else {}
-    values = {**recipe, **settings.train}
-    return values.get("head_bias_df") is not None and bool(values.get("head_bias_recalibrate"))
+    recipe = _recipe(RECIPES, f"train-{settings.variant}.yaml")
+    model_args = parse_recipe(recipe, _as_overrides(settings.train))[0]
+    return model_args.head_bias_df is not None and model_args.head_bias_recalibrate
 
 
 def train_stage(
