@@ -349,6 +349,8 @@ def test_head_bias_calibrated_on_queries_too_caps_both_frequencies(tmp_path):
         assert ((raw + both) > 0).float().mean(0).max() <= 0.05
     # never a lower threshold than the documents' alone; a higher one where queries run hotter
     assert (both <= doc_only).all() and (both < doc_only).any()
+    with pytest.raises(ValueError, match="at least 2 non-empty query texts"):
+        enc.calibrate_head_bias(docs, doc_fraction=0.05, queries=["", "a"])
 
 
 def test_folder_saved_by_csplade_0_1_loads(tmp_path):
