@@ -60,12 +60,28 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "accepts_overrides", False):
         args.overrides = extra
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, TypeError, KeyError, RuntimeError) as exc:
         if args.verbose:
             raise
         print(f"csplade {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    _close_process_group()
+    return code
+
+
+def _close_process_group() -> None:
+    """After a verb that ran under `accelerate launch`: wait for every rank, then destroy the group.
+
+    A process that exits with its process group alive can abort at interpreter exit (gloo's worker
+    threads outlive the interpreter: "terminate called without an active exception", SIGABRT), which
+    fails the whole launch after the work is done and saved.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
