@@ -211,6 +211,25 @@ def available_splits(folder: str | os.PathLike) -> list[str]:
     return sorted(p.stem for p in qrels_dir.glob("*.tsv"))
 
 
+def drop_unknown_queries(
+    qrels: dict[str, dict[str, int]], queries: dict[str, str], qrels_file: Path, queries_path: Path
+) -> int:
+    """Remove from `qrels` the judged queries `queries` lacks, with a warning naming both files and
+    a few ids; return how many there were (a judgment of a query without text cannot be used)."""
+    unknown = [q for q in qrels if q not in queries]
+    if unknown:
+        logger.warning(
+            "%s: %d judged queries are missing from %s and are left out (e.g. %r)",
+            qrels_file,
+            len(unknown),
+            queries_path,
+            unknown[:3],
+        )
+        for q in unknown:
+            del qrels[q]
+    return len(unknown)
+
+
 def qrels_path(folder: str | os.PathLike, split: str) -> Path:
     """``folder/qrels/<split>.tsv``; FileNotFoundError naming it and the splits present if missing."""
     path = Path(folder) / "qrels" / f"{split}.tsv"
@@ -247,17 +266,7 @@ def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
     all_queries = load_queries(queries_path)
     qrels = load_qrels(qrels_file)
 
-    unknown_queries = [q for q in qrels if q not in all_queries]
-    if unknown_queries:
-        logger.warning(
-            "%s: %d judged queries are missing from %s and are not evaluated (e.g. %r)",
-            qrels_file,
-            len(unknown_queries),
-            queries_path,
-            unknown_queries[:3],
-        )
-        for q in unknown_queries:
-            del qrels[q]
+    n_unknown_queries = drop_unknown_queries(qrels, all_queries, qrels_file, queries_path)
     queries = {q: text for q, text in all_queries.items() if q in qrels}
     n_dropped = len(all_queries) - len(queries)
     if n_dropped:
@@ -286,7 +295,7 @@ def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
         qrels=qrels,
         n_queries_dropped=n_dropped,
         n_qrels_unknown_docs=n_unknown_docs,
-        n_qrels_unknown_queries=len(unknown_queries),
+        n_qrels_unknown_queries=n_unknown_queries,
         n_empty_docs=n_empty_docs,
     )
     logger.info("loaded %r", data)

@@ -24,7 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Features, List, Value
 
-from csplade.data.beir import doc_text, iter_corpus, load_qrels, load_queries, qrels_path
+from csplade.data.beir import (
+    doc_text,
+    drop_unknown_queries,
+    iter_corpus,
+    load_qrels,
+    load_queries,
+    qrels_path,
+)
 from csplade.data.rows import fingerprint, from_generator, require_rows
 from csplade.index.runs import read_trec_run
 
@@ -202,14 +209,7 @@ def read_groups_beir(
     corpus = read_corpus(folder / "corpus.jsonl", cache_dir=cache_dir)
     queries = load_queries(folder / "queries.jsonl")
     qrels = load_qrels(qrels_file)
-    unknown_queries = [q for q in qrels if q not in queries]
-    if unknown_queries:
-        logger.warning(
-            "%s: %d judged queries are missing from queries.jsonl and are dropped (e.g. %r)",
-            qrels_file,
-            len(unknown_queries),
-            unknown_queries[:3],
-        )
+    n_unknown = drop_unknown_queries(qrels, queries, qrels_file, folder / "queries.jsonl")
     run = read_trec_run(negatives_run) if negatives_run is not None else None
     selected, picked = _candidates(queries, qrels, run, negatives_depth)
     corpus_ids = corpus.data.column("_id").combine_chunks()
@@ -218,7 +218,7 @@ def read_groups_beir(
     stats: dict[str, Any] = {
         "source": str(folder),
         "split": split,
-        "judged_queries_missing_text": len(unknown_queries),
+        "judged_queries_missing_text": n_unknown,
         "queries_no_positive": n_dropped,
         "queries_no_judged_positive": picked["queries_no_judged_positive"],
         "queries_positives_not_in_corpus": kept["queries_positives_not_in_corpus"],
