@@ -56,6 +56,15 @@ def test_gpu_recipes_are_lora_r16_with_16_docs_per_query():
         assert m.use_lora and m.lora_r == 16 and d.group_size == 16
 
 
+def test_smollm2_bi_recipes_give_queries_a_prefix():
+    # SmolLM2's tokenizer adds no BOS: under `bi`'s next-token pooling a query's first token is
+    # predicted by the prefix's last position or by none (a one-token query would be a zero vector)
+    for stem in ("train", "distill", "selfmine"):
+        recipe = REPO / "recipes" / "smollm2-135m" / f"{stem}-bi.yaml"
+        model_args = parse_recipe(recipe, ["--use_cpu", "true", "--bf16", "false"])[0]
+        assert model_args.query_prefix.strip(), recipe.name
+
+
 def test_overrides_are_typed(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("variant: bi\nlearning_rate: 2e-5\noutput_dir: out\n")

@@ -428,3 +428,26 @@ def test_bi_pools_the_positions_that_predict_the_text(tiny_encoder_factory):
     # indexes encoded before them still match their encoder
     assert "pool_next_token" not in uni.describe() and "logit_scale" not in uni.describe()
     assert bi.describe()["pool_next_token"] is True
+
+
+def test_bi_needs_a_query_prefix_without_bos(tiny_encoder_factory, caplog):
+    # this tokenizer adds no BOS: under next-token pooling a one-token query has no position that
+    # predicts it, so it encodes to a zero vector, and the encoder says so when it is built
+    with caplog.at_level(logging.WARNING, logger="csplade.model.encoder"):
+        bare = tiny_encoder_factory("llama", variant="bi")
+    assert any("query_prefix" in r.getMessage() for r in caplog.records)
+    one = bare.tokenizer("aa", add_special_tokens=False)["input_ids"]
+    assert len(one) == 1
+    assert not bare.tokenize(["aa"], kind="query")["pool_mask"].any()
+    with torch.no_grad():
+        assert bare.encode_queries(["aa"]).nnz == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="csplade.model.encoder"):
+        prefixed = tiny_encoder_factory("llama", variant="bi", query_prefix="query: ")
+    assert not any("query_prefix" in r.getMessage() for r in caplog.records)
+    batch = prefixed.tokenize(["aa"], kind="query")
+    n_prefix = len(prefixed.tokenizer("query: ", add_special_tokens=False)["input_ids"])
+    # the prefix's last position predicts the query's token: the one pooled position
+    assert batch["pool_mask"][0].nonzero().flatten().tolist() == [n_prefix - 1]
+    with torch.no_grad():
+        assert prefixed.encode_queries(["aa"]).nnz > 0
