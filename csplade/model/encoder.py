@@ -97,14 +97,14 @@ class SparseEncoder(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self._template = inputs.probe_template(tokenizer)
-        if config.pool_next_token and not config.doc_only and not self._template.head:
-            if not config.query_prefix:
-                logger.warning(
-                    "variant %r pools the positions that predict the text and this tokenizer adds no "
-                    "BOS: without a query_prefix no position predicts a query's first token, so a "
-                    "one-token query encodes to a zero vector (set query_prefix, e.g. 'query: ')",
-                    config.variant,
-                )
+        first_unpredicted = not (self._template.head or config.query_prefix or config.doc_only)
+        if config.pool_next_token and first_unpredicted:
+            logger.warning(
+                "variant %r pools the positions that predict the text and this tokenizer adds no "
+                "BOS: without a query_prefix no position predicts a query's first token, so a "
+                "one-token query encodes to a zero vector (set query_prefix, e.g. 'query: ')",
+                config.variant,
+            )
         self._pad_id = inputs.pick_pad_id(tokenizer)
         self.register_buffer("query_weights", self._per_term(query_weights, "query_weights"),
                              persistent=False)  # fmt: skip
