@@ -1,0 +1,105 @@
+"""A reference with no training: a model's tokenizer, each document its own tokens, queries IDF-weighted.
+
+    python eval/token_idf.py --datasets adi cranfield scifact            # SmolLM2's tokenizer
+    python eval/token_idf.py --model splade-tiny --doc-max-length 512
+
+A document's vector holds ``1 + log(tf)`` for each token of its first ``--doc-max-length`` tokens; a
+query's holds the collection's IDF (BM25's form, over the same truncated documents) for each of its
+tokens. Scores are dot products, searched exactly. It is what a learned sparse model sees before it
+learns anything but its tokenizer: the lexical matching BM25 does, without length normalisation and
+on sub-word tokens. A trained csplade model below this row has lost lexical matching that it could
+have kept; the study's rows (`eval/study.py`) read against it.
+
+Written here rather than with a library: BM25 libraries (bm25s, Lucene) tokenize words, and this row
+is about the model's own vocabulary; the scoring is csplade's exact inverted index and pytrec_eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from csplade._io import write_json_atomic
+from csplade.data.beir import find_dataset, load_beir
+from csplade.evaluation.metrics import evaluate_run
+from csplade.index.inverted import InvertedIndex
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def token_matrix(rows: list[list[int]], vocab: int, weight) -> sp.csr_matrix:
+    """(n, vocab) CSR: row i holds weight(ids, counts) on the distinct ids of rows[i]."""
+    indptr, cols, vals = [0], [], []
+    for ids in rows:
+        uniq, counts = np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)
+        cols.append(uniq)
+        vals.append(weight(uniq, counts).astype(np.float32))
+        indptr.append(indptr[-1] + len(uniq))
+    cols_a = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    vals_a = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+    return sp.csr_matrix((vals_a, cols_a, np.asarray(indptr)), shape=(len(rows), vocab))
+
+
+def token_idf_run(tokenizer, data, doc_max_length: int, k: int = 1000) -> dict:
+    """{query id: {doc id: score}} of the token-IDF reference on one loaded BEIR split."""
+    vocab = len(tokenizer)
+    docs = []
+    for start in tqdm(
+        range(0, len(data.doc_texts), 1024), desc=f"{data.name} tokens", unit="batch"
+    ):
+        batch = data.doc_texts[start : start + 1024]
+        docs += [
+            ids[:doc_max_length] for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]
+        ]
+    d = token_matrix(docs, vocab, lambda ids, tf: 1.0 + np.log(tf))
+    df = np.bincount(d.indices, minlength=vocab)
+    idf = np.log1p((len(docs) - df + 0.5) / (df + 0.5))
+    query_ids = list(data.queries)
+    q_ids = tokenizer([data.queries[q] for q in query_ids], add_special_tokens=False)["input_ids"]
+    q = token_matrix(q_ids, vocab, lambda ids, tf: idf[ids])
+    index = InvertedIndex.build(d, data.doc_ids)
+    hits = index.search_ids(q, query_ids, k=min(k, len(docs)))
+    return {qid: dict(pairs) for qid, pairs in hits.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="whose tokenizer (a csplade model name)"
+    )
+    parser.add_argument("--datasets", nargs="+", default=["adi", "cranfield", "scifact"])
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--doc-max-length", type=int, default=256)
+    parser.add_argument("--out", default=None, help="also write the metrics here as JSON")
+    args = parser.parse_args(argv)
+    if args.doc_max_length < 1:
+        parser.error("--doc-max-length must be >= 1")
+    os.environ.setdefault("CSPLADE_DATA", str(REPO.parent / "shared" / "data"))
+
+    from transformers import AutoTokenizer
+
+    from csplade.model.backbones import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    results = {}
+    for name in args.datasets:
+        data = load_beir(find_dataset(name), args.split)
+        run = token_idf_run(tokenizer, data, args.doc_max_length)
+        means = evaluate_run(data.qrels, run).mean
+        results[name] = means
+        print(
+            f"{name}: nDCG@10 {means['ndcg_cut_10']:.4f}  R@100 {means['recall_100']:.4f}",
+            flush=True,
+        )
+    if args.out:
+        write_json_atomic(args.out, results, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""eval/token_idf.py: the untrained token-IDF reference equals its definition scored by brute force."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from tiny import tiny_tokenizer
+
+from csplade.data.beir import load_beir
+
+REPO = Path(__file__).resolve().parents[1]
+
+DOCS = {
+    "d1": "aa ab ab ac",
+    "d2": "ab ad ad ad ae",
+    "d3": "af ag aa",
+    "d4": "ah ai aj ak al am an ao aa",  # 'aa' is its 9th token: cut at 8 it matches nothing of q1's
+}
+QUERIES = {"q1": "aa ab", "q2": "ad af", "q3": "aa"}
+QRELS = [("q1", "d1"), ("q2", "d2"), ("q3", "d4")]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("token_idf", REPO / "eval" / "token_idf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _beir(folder: Path) -> Path:
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n" for d, t in DOCS.items())
+    )
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in QUERIES.items())
+    )
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in QRELS)
+    )
+    return folder
+
+
+def _brute_force(max_len: int) -> dict[str, dict[str, float]]:
+    docs = {d: t.split()[:max_len] for d, t in DOCS.items()}
+    n = len(docs)
+    run = {}
+    for q, text in QUERIES.items():
+        scores = {}
+        for d, words in docs.items():
+            score = 0.0
+            for w in set(text.split()):
+                df = sum(w in other for other in docs.values())
+                if w in words:
+                    idf = math.log1p((n - df + 0.5) / (df + 0.5))
+                    score += idf * (1 + math.log(words.count(w)))
+            if score > 0:
+                scores[d] = score
+        run[q] = scores
+    return run
+
+
+@pytest.mark.parametrize("max_len", [8, 256])
+def test_token_idf_run_equals_the_brute_force_definition(tmp_path, max_len):
+    data = load_beir(_beir(tmp_path / "toy"), "test")
+    run = _module().token_idf_run(tiny_tokenizer(), data, doc_max_length=max_len)
+    expected = _brute_force(max_len)
+    assert set(run) == set(expected)
+    for q in expected:
+        assert run[q].keys() == expected[q].keys(), q
+        for d, score in expected[q].items():
+            assert run[q][d] == pytest.approx(score, rel=1e-5), (q, d)
+    # the cut is real: at 8 tokens d4 no longer holds 'aa'
+    assert ("d4" in run["q3"]) == (max_len > 8)
