@@ -2,13 +2,16 @@
 
     python eval/token_idf.py --datasets adi cranfield scifact            # SmolLM2's tokenizer
     python eval/token_idf.py --model splade-tiny --doc-max-length 512
+    python eval/token_idf.py --datasets adi --vectors-of runs/my-model    # + its documents' own-token share
 
 A document's vector holds ``1 + log(tf)`` for each token of its first ``--doc-max-length`` tokens; a
 query's holds the collection's IDF (BM25's form, over the same truncated documents) for each of its
 tokens. Scores are dot products, searched exactly. It is what a learned sparse model sees before it
 learns anything but its tokenizer: the lexical matching BM25 does, without length normalisation and
 on sub-word tokens. A trained csplade model below this row has lost lexical matching that it could
-have kept; the study's rows (`eval/study.py`) read against it.
+have kept; the study's rows (`eval/study.py`) read against it. ``--vectors-of MODEL`` also encodes the
+documents with a csplade model and reports how much of their vectors' weight sits on their own tokens
+(:func:`own_token_share`), the quantity this reference is made of.
 
 Written here rather than with a library: BM25 libraries (bm25s, Lucene) tokenize words, and this row
 is about the model's own vocabulary; the scoring is csplade's exact inverted index and pytrec_eval.
@@ -67,6 +70,28 @@ def token_idf_run(tokenizer, data, doc_max_length: int, k: int = 1000) -> dict:
     return {qid: dict(pairs) for qid, pairs in hits.items()}
 
 
+def own_token_share(encoder, texts: list[str], doc_max_length: int, batch_size: int = 16) -> dict:
+    """How a model's document vectors relate to the documents' own tokens (first `doc_max_length`).
+
+    Returns the mean active terms per document, the mean own tokens among them, the mean distinct
+    own tokens, and the share of all vector weight on own tokens.
+    """
+    encoder.config.doc_max_length = doc_max_length
+    vectors = encoder.encode(texts, "doc", batch_size=batch_size).tocsr()
+    ids = encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    own = token_matrix(
+        [row[:doc_max_length] for row in ids], vectors.shape[1], lambda i, tf: np.ones(len(i))
+    )
+    on_own = vectors.multiply(own).tocsr()
+    total = float(vectors.sum())
+    return {
+        "active_terms": vectors.nnz / len(texts),
+        "active_own_tokens": on_own.nnz / len(texts),
+        "distinct_own_tokens": own.nnz / len(texts),
+        "own_weight_share": float(on_own.sum()) / total if total else 0.0,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -75,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["adi", "cranfield", "scifact"])
     parser.add_argument("--split", default="test")
     parser.add_argument("--doc-max-length", type=int, default=256)
+    parser.add_argument(
+        "--vectors-of",
+        default=None,
+        help="a csplade model: report its documents' own-token share too",
+    )
+    parser.add_argument("--dtype", default="bfloat16", help="for --vectors-of")
     parser.add_argument("--out", default=None, help="also write the metrics here as JSON")
     args = parser.parse_args(argv)
     if args.doc_max_length < 1:
@@ -86,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     from csplade.model.backbones import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    encoder = None
+    if args.vectors_of:
+        from csplade.model import SparseEncoder
+
+        encoder = SparseEncoder.from_pretrained(args.vectors_of, dtype=args.dtype)
     results = {}
     for name in args.datasets:
         data = load_beir(find_dataset(name), args.split)
@@ -96,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: nDCG@10 {means['ndcg_cut_10']:.4f}  R@100 {means['recall_100']:.4f}",
             flush=True,
         )
+        if encoder is not None:
+            share = own_token_share(encoder, data.doc_texts, args.doc_max_length)
+            results[name] = {**means, **{f"vectors_{k}": v for k, v in share.items()}}
+            print(
+                f"{name}, {args.vectors_of}: {share['active_terms']:.1f} active terms per document, "
+                f"{share['active_own_tokens']:.1f} of them its own tokens (of "
+                f"{share['distinct_own_tokens']:.1f}); own tokens carry "
+                f"{100 * share['own_weight_share']:.2f}% of the weight",
+                flush=True,
+            )
     if args.out:
         write_json_atomic(args.out, results, indent=2)
     return 0

@@ -76,3 +76,19 @@ def test_token_idf_run_equals_the_brute_force_definition(tmp_path, max_len):
             assert run[q][d] == pytest.approx(score, rel=1e-5), (q, d)
     # the cut is real: at 8 tokens d4 no longer holds 'aa'
     assert ("d4" in run["q3"]) == (max_len > 8)
+
+
+def test_own_token_share_equals_a_dense_count(tiny_encoder_factory):
+    encoder = tiny_encoder_factory("llama", variant="bi")
+    texts = list(DOCS.values())
+    share = _module().own_token_share(encoder, texts, doc_max_length=4, batch_size=2)
+    dense = encoder.encode(texts, "doc", batch_size=2, show_progress=False).toarray()
+    own = [set(encoder.tokenizer(t, add_special_tokens=False)["input_ids"][:4]) for t in texts]
+    on_own = sum(dense[i, sorted(ids)].sum() for i, ids in enumerate(own))
+    assert share["active_terms"] == pytest.approx((dense > 0).sum() / len(texts))
+    assert share["active_own_tokens"] == pytest.approx(
+        sum((dense[i, sorted(ids)] > 0).sum() for i, ids in enumerate(own)) / len(texts)
+    )
+    assert share["distinct_own_tokens"] == pytest.approx(sum(map(len, own)) / len(texts))
+    assert share["own_weight_share"] == pytest.approx(on_own / dense.sum(), rel=1e-5)
+    assert 0 < share["own_weight_share"] < 1
