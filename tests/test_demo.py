@@ -16,7 +16,7 @@ import pytest
 from tiny import tiny_model, tiny_tokenizer
 
 from csplade.cli.demo import summary_table
-from csplade.demo import DEMO, find_scifact, run_demo
+from csplade.demo import DEMO, _training_recalibrates, find_scifact, run_demo
 
 
 def _tiny_settings(variant: str):
@@ -60,9 +60,12 @@ def test_demo_runs_end_to_end_and_caches_its_stages(backbone, adi, tmp_path, var
     assert (out / f"adapt-{variant}" / "csplade_config.json").exists()
     assert (out / "groups-bm25-test.jsonl").stat().st_size > 0  # BM25 negatives mined first
     assert (out / f"train-{variant}" / "adapter_model.safetensors").exists()
-    # bi trains with head_bias_recalibrate: the adaptation leaves the bias to it
+    # a training recipe with head_bias_recalibrate (bi's and echo's) calibrates the bias itself: the
+    # adaptation then leaves it out
+    recalibrates = _training_recalibrates(settings)
+    assert recalibrates is (variant in ("bi", "echo"))
     adapted_bias = (out / f"adapt-{variant}" / "head_bias.safetensors").exists()
-    assert adapted_bias is (variant != "bi")
+    assert adapted_bias is not recalibrates
     assert (out / f"train-{variant}" / "head_bias.safetensors").exists()
     metrics = json.loads((written["table"].parent / "metrics.json").read_text())
     systems = [f"tiny-{variant}-untrained", f"tiny-{variant}-trained", "bm25"]
