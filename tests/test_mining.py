@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from beir_folder import write_beir
 
 from csplade.data.beir import doc_text, load_qrels
 from csplade.data.groups import read_groups_jsonl
@@ -41,20 +42,6 @@ QRELS = [
     ("q5", "d3", 1),  # BM25 finds nothing: written with no negatives
     ("q6", "d3", 1),
 ]
-
-
-def write_beir(folder: Path, docs=DOCS, queries=QUERIES, qrels=QRELS, split="train") -> Path:
-    (folder / "qrels").mkdir(parents=True)
-    with open(folder / "corpus.jsonl", "w") as fh:
-        for doc_id, (title, text) in docs.items():
-            fh.write(json.dumps({"_id": doc_id, "title": title, "text": text}) + "\n")
-    with open(folder / "queries.jsonl", "w") as fh:
-        for query_id, text in queries.items():
-            fh.write(json.dumps({"_id": query_id, "text": text}) + "\n")
-    with open(folder / "qrels" / f"{split}.tsv", "w") as fh:
-        fh.write("query-id\tcorpus-id\tscore\n")
-        fh.writelines(f"{q}\t{d}\t{s}\n" for q, d, s in qrels)
-    return folder
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -97,7 +84,7 @@ def test_window_argument_errors():
 
 
 def test_bm25_mining_on_a_small_folder(tmp_path):
-    folder = write_beir(tmp_path / "toy")
+    folder = write_beir(tmp_path / "toy", DOCS, QUERIES, QRELS)
     out = tmp_path / "groups.jsonl"
     stats = mine(folder, out, model="bm25", depth=4, n_negatives=3)
     groups = read_jsonl(out)
@@ -137,7 +124,7 @@ def test_bm25_mining_on_a_small_folder(tmp_path):
 
 
 def test_depth_and_skip_top_limit_the_window(tmp_path):
-    folder = write_beir(tmp_path / "toy")
+    folder = write_beir(tmp_path / "toy", DOCS, QUERIES, QRELS)
     run = {"q6": {"d3": 9.0, "d2": 8.0, "d7": 7.0, "d1": 6.0, "d4": 5.0}}
     run_file = tmp_path / "run.trec"
     run_file.write_text(
@@ -153,7 +140,7 @@ def test_depth_and_skip_top_limit_the_window(tmp_path):
 
 
 def test_missing_split_and_missing_corpus_name_the_path(tmp_path):
-    folder = write_beir(tmp_path / "toy")
+    folder = write_beir(tmp_path / "toy", DOCS, QUERIES, QRELS)
     with pytest.raises(FileNotFoundError, match=r"qrels.*test\.tsv.*splits in this folder: train"):
         mine(folder, tmp_path / "g.jsonl", split="test")
     (folder / "corpus.jsonl").unlink()

@@ -8,6 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+from beir_folder import write_beir
+
 from csplade.data.groups import read_groups_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,34 +22,20 @@ def _study():
     return module
 
 
-def _beir(folder: Path, docs: dict, queries: dict, qrels: list) -> Path:
-    (folder / "qrels").mkdir(parents=True)
-    (folder / "corpus.jsonl").write_text(
-        "".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n" for d, t in docs.items())
-    )
-    (folder / "queries.jsonl").write_text(
-        "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items())
-    )
-    (folder / "qrels" / "train.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in qrels)
-    )
-    return folder
-
-
 def test_groups_of_two_data_sets_leave_out_queries_without_a_bm25_negative(tmp_path, caplog):
     study = _study()
-    first = _beir(
+    first = write_beir(
         tmp_path / "first",
-        {"a1": "apple banana", "a2": "apple cherry", "a3": "apple date"},
+        {"a1": ("", "apple banana"), "a2": ("", "apple cherry"), "a3": ("", "apple date")},
         {"q1": "apple banana"},
-        [("q1", "a1")],
+        [("q1", "a1", 1)],
     )
     # q3's only BM25 hit is its judged document (NFCorpus has 243 such train queries)
-    second = _beir(
+    second = write_beir(
         tmp_path / "second",
-        {"b1": "zebra yak", "b2": "lemon lime", "b3": "lemon melon"},
+        {"b1": ("", "zebra yak"), "b2": ("", "lemon lime"), "b3": ("", "lemon melon")},
         {"q2": "lemon lime", "q3": "zebra"},
-        [("q2", "b2"), ("q3", "b1")],
+        [("q2", "b2", 1), ("q3", "b1", 1)],
     )
     args = argparse.Namespace(train_data=[str(first), str(second)], pseudo=None, losses=["infonce"])
     out = tmp_path / "study"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from pathlib import Path
 
 import pytest
+from beir_folder import write_beir
 from tiny import tiny_tokenizer
 
 from csplade.data.beir import load_beir
@@ -15,13 +15,13 @@ from csplade.data.beir import load_beir
 REPO = Path(__file__).resolve().parents[1]
 
 DOCS = {
-    "d1": "aa ab ab ac",
-    "d2": "ab ad ad ad ae",
-    "d3": "af ag aa",
-    "d4": "ah ai aj ak al am an ao aa",  # 'aa' is its 9th token: cut at 8 it matches nothing of q1's
+    "d1": ("", "aa ab ab ac"),
+    "d2": ("", "ab ad ad ad ae"),
+    "d3": ("", "af ag aa"),
+    "d4": ("", "ah ai aj ak al am an ao aa"),  # 'aa' is its 9th token: cut at 8 it matches nothing
 }
 QUERIES = {"q1": "aa ab", "q2": "ad af", "q3": "aa"}
-QRELS = [("q1", "d1"), ("q2", "d2"), ("q3", "d4")]
+QRELS = [("q1", "d1", 1), ("q2", "d2", 1), ("q3", "d4", 1)]
 
 
 def _module():
@@ -31,22 +31,8 @@ def _module():
     return module
 
 
-def _beir(folder: Path) -> Path:
-    (folder / "qrels").mkdir(parents=True)
-    (folder / "corpus.jsonl").write_text(
-        "".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n" for d, t in DOCS.items())
-    )
-    (folder / "queries.jsonl").write_text(
-        "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in QUERIES.items())
-    )
-    (folder / "qrels" / "test.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in QRELS)
-    )
-    return folder
-
-
 def _brute_force(max_len: int) -> dict[str, dict[str, float]]:
-    docs = {d: t.split()[:max_len] for d, t in DOCS.items()}
+    docs = {d: text.split()[:max_len] for d, (_, text) in DOCS.items()}
     n = len(docs)
     run = {}
     for q, text in QUERIES.items():
@@ -66,7 +52,7 @@ def _brute_force(max_len: int) -> dict[str, dict[str, float]]:
 
 @pytest.mark.parametrize("max_len", [8, 256])
 def test_token_idf_run_equals_the_brute_force_definition(tmp_path, max_len):
-    data = load_beir(_beir(tmp_path / "toy"), "test")
+    data = load_beir(write_beir(tmp_path / "toy", DOCS, QUERIES, QRELS, "test"), "test")
     run = _module().token_idf_run(tiny_tokenizer(), data, doc_max_length=max_len)
     expected = _brute_force(max_len)
     assert set(run) == set(expected)
@@ -80,7 +66,7 @@ def test_token_idf_run_equals_the_brute_force_definition(tmp_path, max_len):
 
 def test_own_token_share_equals_a_dense_count(tiny_encoder_factory):
     encoder = tiny_encoder_factory("llama", variant="bi")
-    texts = list(DOCS.values())
+    texts = [text for _, text in DOCS.values()]
     share = _module().own_token_share(encoder, texts, doc_max_length=4, batch_size=2)
     dense = encoder.encode(texts, "doc", batch_size=2, show_progress=False).toarray()
     own = [set(encoder.tokenizer(t, add_special_tokens=False)["input_ids"][:4]) for t in texts]
