@@ -383,7 +383,9 @@ def test_folder_saved_by_csplade_0_1_loads(tmp_path):
     enc.save_pretrained(tmp_path / "again")
     resaved = json.loads((tmp_path / "again" / "csplade_config.json").read_text())
     # settings added since take the value that computes what 0.1 computed
-    assert resaved == {**saved, "logit_scale": 1.0, "pool_next_token": False}
+    no_op = {"logit_scale": 1.0, "pool_next_token": False, "lexical_residual": False,
+             "lexical_scale": 1.0}  # fmt: skip
+    assert resaved == {**saved, **no_op}
 
 
 def test_logit_scale_multiplies_logits_before_the_activation(tiny_encoder_factory):

@@ -2,7 +2,8 @@
 
 `read_texts` reads a corpus (JSONL, Parquet or Arrow, optionally gzipped; a BEIR folder; a `datasets`
 folder or hub dataset with a 'text' column) or a plain-text file into a cached Arrow table
-(:mod:`csplade.data.rows`); `corpus_idf` counts document frequencies over the training documents.
+(:mod:`csplade.data.rows`); `corpus_idf` counts document frequencies over the training documents
+(`document_token_rows` gives their token ids).
 """
 
 from __future__ import annotations
@@ -266,6 +267,20 @@ def query_length_spans(texts: list[str], seed: int = 0) -> list[str]:
     return spans
 
 
+def document_token_rows(
+    encoder: Any, dataset: GroupDataset | StreamingGroupDataset, batch_size: int = 1024
+) -> Iterator[list[int]]:
+    """The token ids (no special tokens) of every distinct training document, with progress."""
+    batch: list[str] = []
+    for text in tqdm(document_texts(dataset), desc="document frequencies", unit="doc"):
+        batch.append(text)
+        if len(batch) == batch_size:
+            yield from encoder.tokenizer(batch, add_special_tokens=False)["input_ids"]
+            batch.clear()
+    if batch:
+        yield from encoder.tokenizer(batch, add_special_tokens=False)["input_ids"]
+
+
 def corpus_idf(
     encoder: Any, dataset: GroupDataset | StreamingGroupDataset, batch_size: int = 1024
 ) -> torch.Tensor:
@@ -278,23 +293,10 @@ def corpus_idf(
     vocab = encoder.vocab_size
     df = np.zeros(vocab, dtype=np.int64)
     n_docs = 0
-    batch: list[str] = []
-
-    def flush() -> None:
-        nonlocal n_docs
-        ids = encoder.tokenizer(batch, add_special_tokens=False)["input_ids"]
-        for row in ids:
-            if row:
-                df[np.unique(np.asarray(row, dtype=np.int64))] += 1
-        n_docs += len(batch)
-        batch.clear()
-
-    for text in tqdm(document_texts(dataset), desc="document frequencies", unit="doc"):
-        batch.append(text)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    for row in document_token_rows(encoder, dataset, batch_size):
+        if row:
+            df[np.unique(np.asarray(row, dtype=np.int64))] += 1
+        n_docs += 1
     if n_docs == 0:
         raise ValueError("cannot compute IDF: the training data holds no documents")
     idf = np.log1p((n_docs - df + 0.5) / (df + 0.5))

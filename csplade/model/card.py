@@ -168,6 +168,10 @@ def _model_rows(folder: Path, config: dict, backbone: dict) -> list[tuple[str, s
         rows.append(("head bias", "a calibrated per-term bias on the logits"))
     if config.get("logit_scale", 1.0) != 1.0:
         rows.append(("logit scale", str(config["logit_scale"])))
+    if config.get("lexical_residual"):
+        scale = config.get("lexical_scale", 1.0)
+        rows.append(("lexical residual", f"BM25 over the text's own tokens, scale {scale} per side "
+                     "(IDF and lengths of the training documents)"))  # fmt: skip
     if config.get("adapter"):
         rows.append(("weights", "a LoRA adapter: loading it also loads the base model"))
     quant = (config.get("extra") or {}).get("quantization")

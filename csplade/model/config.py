@@ -23,11 +23,17 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Settings added after csplade 0.1, with the value that computes what 0.1 computed: a folder saved
 # without one gets that value, and `SparseEncoder.describe` leaves a setting out while it has it, so
 # indexes encoded before the setting existed still match their encoder.
-ADDED_SETTINGS = {"logit_scale": 1.0, "pool_next_token": False}
+ADDED_SETTINGS = {
+    "logit_scale": 1.0,
+    "pool_next_token": False,
+    "lexical_residual": False,
+    "lexical_scale": 1.0,
+}
 
 CONFIG_NAME = "csplade_config.json"
 QUERY_WEIGHTS_NAME = "query_weights.safetensors"
 HEAD_BIAS_NAME = "head_bias.safetensors"
+LEXICAL_NAME = "lexical_weights.safetensors"
 
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...] | dict[str, Any]) -> None:
@@ -74,11 +80,34 @@ class EncoderSettings:
         },
     )
 
+    lexical_residual: bool = field(
+        default=False,
+        metadata={
+            "help": "add BM25 over the text's own tokens to every vector (csplade.model.lexical): "
+            "queries get lexical_scale * IDF on their tokens, documents lexical_scale * BM25's "
+            "saturated tf; IDF and the mean length are the training documents' (saved with the "
+            "model). The learned terms are trained on top of exact matching instead of replacing it"
+        },
+    )
+    lexical_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "weight of the lexical residual on each side (its score: scale ** 2 * BM25)"
+        },
+    )
+
     def __post_init__(self) -> None:
         check_choice("variant", self.variant, VARIANTS)
         check_choice("pooling", self.pooling, POOLINGS)
         if not (isinstance(self.logit_scale, (int, float)) and self.logit_scale > 0):
             raise ValueError(f"logit_scale must be a number > 0, got {self.logit_scale!r}")
+        if not (isinstance(self.lexical_scale, (int, float)) and self.lexical_scale > 0):
+            raise ValueError(f"lexical_scale must be a number > 0, got {self.lexical_scale!r}")
+        if self.lexical_residual and self.doc_only:
+            raise ValueError(
+                "lexical_residual and doc_only exclude each other: inference-free queries are "
+                "already their tokens at IDF"
+            )
         for name in ("query_max_length", "doc_max_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from csplade.model import calibration, inputs
 from csplade.model import io as model_io
+from csplade.model import lexical as lexical_mod
 from csplade.model.backbones import detect_kind
 from csplade.model.bidirectional import make_bidirectional
 from csplade.model.config import ADDED_SETTINGS, SparseEncoderConfig
@@ -80,6 +81,7 @@ class SparseEncoder(nn.Module):
         config: SparseEncoderConfig,
         query_weights=None,
         head_bias=None,
+        lexical: lexical_mod.LexicalWeights | None = None,
     ):
         super().__init__()
         kind = config.backbone_kind or detect_kind(unwrap(backbone).config)
@@ -114,6 +116,11 @@ class SparseEncoder(nn.Module):
             self.head_bias = nn.Parameter(head_bias.clone())
         else:
             self.register_parameter("head_bias", None)
+        self.lexical = lexical
+        if lexical is not None and lexical.idf.numel() != self.vocab_size:
+            raise ValueError(
+                f"lexical weights have {lexical.idf.numel()} entries, the vocabulary {self.vocab_size}"
+            )
         if config.variant == "bi":
             make_bidirectional(backbone)
         # The head runs as this module's call, so ZeRO-3 gathers its weight (csplade.model.output_head).
@@ -162,11 +169,26 @@ class SparseEncoder(nn.Module):
     def tokenize(self, texts: Sequence[str], kind: str = "doc") -> dict[str, torch.Tensor]:
         """Token ids, attention mask and pooling mask (all (B, L)) for `texts` as queries or docs.
 
-        Also returns ``n_truncated`` (an int tensor): how many texts were cut at the max length.
+        Also returns ``n_truncated`` (an int tensor): how many texts were cut at the max length; with
+        ``lexical_residual`` on, ``lexical`` (B, L): each position's share of the text's lexical
+        residual (:mod:`csplade.model.lexical`).
         """
-        return inputs.tokenize(
-            self.tokenizer, self._template, self._pad_id, self.config, texts, kind
+        lexical_on = self.config.lexical_residual
+        batch = inputs.tokenize(
+            self.tokenizer, self._template, self._pad_id, self.config, texts, kind, lexical_on
         )
+        if lexical_on:
+            text_mask = batch.pop("text_mask")
+            if self.lexical is not None:  # without them the forward fails (calibration needs none)
+                batch["lexical"] = lexical_mod.position_weights(
+                    batch["input_ids"],
+                    text_mask,
+                    kind,
+                    self.lexical,
+                    self.config.lexical_scale,
+                    self.config.doc_max_length,
+                )
+        return batch
 
     # ------------------------------------------------------------------ forward
     def _hidden_states(
@@ -208,6 +230,7 @@ class SparseEncoder(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pool_mask: torch.Tensor | None = None,
+        lexical: torch.Tensor | None = None,
         *,
         query: dict[str, torch.Tensor] | None = None,
         doc: dict[str, torch.Tensor] | None = None,
@@ -230,15 +253,34 @@ class SparseEncoder(nn.Module):
             return q_reps, d_reps
         if input_ids is None or attention_mask is None:
             raise ValueError("forward needs input_ids and attention_mask (or query=/doc= batches)")
-        return self._encode_batch(input_ids, attention_mask, pool_mask)
+        return self._encode_batch(input_ids, attention_mask, pool_mask, lexical)
 
     def _encode_batch(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pool_mask: torch.Tensor | None = None,
+        lexical: torch.Tensor | None = None,
         **_: Any,
     ) -> torch.Tensor:
+        reps = self._learned_terms(input_ids, attention_mask, pool_mask)
+        if lexical is None:
+            if self.config.lexical_residual:
+                raise ValueError(
+                    "lexical_residual is on but the batch has no 'lexical' weights: tokenize() adds "
+                    "them once the encoder has lexical weights (csplade train computes them from its "
+                    "training documents; or set encoder.lexical = csplade.model.lexical.statistics(...))"
+                )
+            return reps
+        return reps + lexical_mod.residual(input_ids.to(reps.device), lexical, reps.shape[1])
+
+    def _learned_terms(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pool_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The head's activated, pooled logits (B, V) float32 (without any lexical residual)."""
         if pool_mask is None:
             pool_mask = attention_mask.bool()
         hidden, out_emb = self._hidden_states(input_ids, attention_mask)  # (B, L, H)

@@ -93,8 +93,9 @@ def plain_ids(tokenizer: Any, text: str) -> list[int]:
 
 def _row(
     ids: list[int], prefix: list[int], template: Template, settings: EncoderSettings, kind: str
-) -> tuple[list[int], list[bool]]:
-    """(token ids, pool mask) of one text, truncated ids given."""
+) -> tuple[list[int], list[bool], int]:
+    """(token ids, pool mask, where the pooled copy of the text starts) of one text, truncated ids
+    given."""
     pool_specials = bool(settings.pool_special_tokens)
     copies = 2 if settings.variant == "echo" else 1
     seq, pool = list(template.head), [pool_specials] * len(template.head)
@@ -102,6 +103,7 @@ def _row(
         pooled_copy = copy == copies - 1
         seq += prefix
         pool += [pool_specials and pooled_copy] * len(prefix)
+        text_start = len(seq)
         seq += ids
         pool += [pooled_copy] * len(ids)
     seq += template.tail
@@ -113,7 +115,7 @@ def _row(
         pool = [False] * (own_end - len(ids)) + [True] * len(ids) + [False] * len(template.tail)
     elif settings.pool_next_token:  # the positions whose logits predict a pooled token
         pool = pool[1:] + [False]
-    return seq, pool
+    return seq, pool, text_start
 
 
 def tokenize(
@@ -123,10 +125,12 @@ def tokenize(
     settings: EncoderSettings,
     texts: Sequence[str],
     kind: str = "doc",
+    with_text_mask: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Token ids, attention mask and pooling mask (all (B, L)) for `texts` as queries or docs.
 
-    Also returns ``n_truncated`` (an int tensor): how many texts were cut at the max length.
+    Also returns ``n_truncated`` (an int tensor): how many texts were cut at the max length; with
+    `with_text_mask`, ``text_mask`` (B, L): the text's own tokens (one copy, no prefix or specials).
     """
     check_kind(kind)
     texts = check_texts(texts)
@@ -138,20 +142,25 @@ def tokenize(
     )
     n_truncated = sum(len(ids) > limit for ids in content)
     rows = [_row(list(ids[:limit]), prefix, template, settings, kind) for ids in content]
-    width = max([len(s) for s, _ in rows] + [1])
+    width = max([len(s) for s, _, _ in rows] + [1])
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, L)
     attention = torch.zeros((len(rows), width), dtype=torch.long)  # (B, L)
     pool_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, L)
-    for i, (seq, pool) in enumerate(rows):
+    text_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, L)
+    for i, (seq, pool, text_start) in enumerate(rows):
         if not seq:  # nothing at all to feed: one dummy token, never pooled
             attention[i, 0] = 1
             continue
         input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention[i, : len(seq)] = 1
         pool_mask[i, : len(seq)] = torch.tensor(pool, dtype=torch.bool)
-    return {
+        text_mask[i, text_start : text_start + min(len(content[i]), limit)] = True
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention,
         "pool_mask": pool_mask,
         "n_truncated": torch.tensor(n_truncated),
     }
+    if with_text_mask:
+        out["text_mask"] = text_mask
+    return out

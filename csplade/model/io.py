@@ -3,7 +3,8 @@
 A folder holds the backbone (or, for a LoRA adapter, the adapter over ``config.base_model``) as
 transformers/peft save it, the tokenizer, ``csplade_config.json`` (:class:`SparseEncoderConfig`), and,
 where the encoder has them, ``query_weights.safetensors`` (inference-free queries) and
-``head_bias.safetensors`` (the calibrated per-term bias). Weights are safetensors only. Beside them: a
+``head_bias.safetensors`` (the calibrated per-term bias) and ``lexical_weights.safetensors`` (the
+lexical residual's IDF and mean length, :mod:`csplade.model.lexical`). Weights are safetensors only. Beside them: a
 model card, ``README.md`` (:mod:`csplade.model.card`), and for masked-LM encoders the files that let
 ``sentence_transformers.SparseEncoder`` load the folder (:mod:`csplade.model.st_files`). A folder is
 written beside its target and renamed into place (:func:`csplade._io.atomic_folder`);
@@ -31,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from csplade._io import atomic_folder
+from csplade.model import lexical
 from csplade.model.backbones import load_backbone, resolve_model
 from csplade.model.bidirectional import make_causal
 from csplade.model.card import CARD_NAME, card_text, write_card
@@ -96,6 +98,8 @@ def _write_folder(
             {"head_bias": head_bias.detach().float().cpu().contiguous()},
             folder / HEAD_BIAS_NAME,
         )
+    if encoder.lexical is not None:
+        lexical.save(encoder.lexical, folder)
     write_st_files(encoder, folder)
     write_card(folder, name)
 
@@ -208,7 +212,7 @@ def load(
         recorded, quantization_mode, quantize_head, where=str(path / CONFIG_NAME)
     )
     load_kwargs = quantization.backbone_load_kwargs(mode, load_kwargs, path=path, device=device)
-    query_weights = head_bias = None
+    query_weights = head_bias = lexical_weights = None
     if saved is not None:
         if "variant" in overrides and "pool_next_token" not in overrides:
             overrides["pool_next_token"] = None  # resolved again for the variant asked for
@@ -224,6 +228,7 @@ def load(
             backbone = load_backbone(path, config.backbone_kind, load_kwargs)
         query_weights = load_query_weights(path)
         head_bias = load_head_bias(path)
+        lexical_weights = lexical.load(path)
     else:
         overrides.setdefault("base_model", str(name_or_path))
         config = SparseEncoderConfig().with_overrides(**overrides)
@@ -233,7 +238,14 @@ def load(
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if config.variant != "bi":  # a `bi` checkpoint keeps is_causal: false in its config.json
         make_causal(backbone)
-    encoder = cls(backbone, tokenizer, config, query_weights=query_weights, head_bias=head_bias)
+    encoder = cls(
+        backbone,
+        tokenizer,
+        config,
+        query_weights=query_weights,
+        head_bias=head_bias,
+        lexical=lexical_weights,
+    )
     encoder = quantization.finish_loading(encoder, mode, quantize_head)
     if device is not None:
         encoder.to(device)
@@ -254,4 +266,7 @@ def fingerprint(encoder: Any) -> str:
         digest.update(encoder.query_weights.cpu().numpy().tobytes())
     if encoder.head_bias is not None:
         digest.update(encoder.head_bias.detach().float().cpu().numpy().tobytes())
+    if encoder.lexical is not None:
+        digest.update(encoder.lexical.idf.cpu().numpy().tobytes())
+        digest.update(encoder.lexical.lengths.cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -15,7 +15,7 @@ documents match exactly and a query longer than ``query_max_length`` tokens is c
 Not written (the reason is logged and returned) where sentence-transformers cannot give the same
 vectors: causal backbones (no MLM head over all tokens; the ``echo``/``bi`` variants have no
 counterpart), LoRA adapters (merge first), a calibrated head bias or logit scale (no module applies
-them), inference-free (``doc_only``) encoders, pooling without the special tokens, quantized folders.
+them), inference-free (``doc_only``) encoders, a lexical residual, pooling without the special tokens, quantized folders.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def unsupported_settings(config: dict[str, Any], has_head_bias: bool) -> str | N
         (has_head_bias, "a calibrated head bias"),
         (config.get("logit_scale", 1.0) != 1.0, "a logit scale"),
         (config.get("doc_only", False), "an inference-free (doc_only) encoder"),
+        (config.get("lexical_residual", False), "a lexical residual (no module adds it)"),
         (config.get("pool_special_tokens") is False, "pooling without the special tokens"),
         (variant != "uni", f"the {variant!r} variant"),
         (bool((config.get("extra") or {}).get("quantization")), "a quantized encoder"),

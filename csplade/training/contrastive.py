@@ -33,7 +33,13 @@ from transformers import TrainerCallback, set_seed
 
 from csplade.data.groups import load_training_groups
 from csplade.data.sampling import GroupCollator
-from csplade.data.texts import calibration_documents, corpus_idf, query_texts
+from csplade.data.texts import (
+    calibration_documents,
+    corpus_idf,
+    document_token_rows,
+    query_texts,
+)
+from csplade.model import lexical
 from csplade.model.card import write_card
 from csplade.model.encoder import SparseEncoder
 from csplade.training import losses
@@ -179,6 +185,16 @@ def run_training(
     dataset = load_training_groups(data_args, seed=seed)  # bad data fails before a model loads
     set_seed(training_args.seed)
     encoder = load_encoder_for_training(model_args)
+    if model_args.lexical_residual and encoder.lexical is None:
+        encoder.lexical = lexical.statistics(
+            document_token_rows(encoder, dataset), encoder.vocab_size
+        )
+        logger.info(
+            "lexical residual: IDF over %d training documents, mean length %.1f tokens at %d",
+            encoder.lexical.n_docs,
+            encoder.lexical.avgdl(model_args.doc_max_length),
+            model_args.doc_max_length,
+        )
     if model_args.head_bias_df is not None and (
         encoder.head_bias is None or model_args.head_bias_recalibrate
     ):

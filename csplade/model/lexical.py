@@ -1,0 +1,136 @@
+"""The lexical residual: BM25 over a text's own tokens, added to its learned sparse vector.
+
+With ``lexical_residual`` on, a query's vector gets ``lexical_scale * IDF(t)`` on each of its distinct
+tokens and a document's ``lexical_scale * tf (k1 + 1) / (tf + k1 (1 - b + b dl / avgdl))`` on each of
+its (Robertson's BM25, Lucene's IDF ``log(1 + (N - df + 0.5) / (df + 0.5))``, k1 = 1.2, b = 0.75, dl
+the text's tokens after truncation and avgdl the training documents' mean at the same truncation, so
+that a model trained at 128 document tokens and evaluated at 256 normalises lengths right at both). The product of the two residuals is BM25 on the model's tokens,
+scaled by ``lexical_scale ** 2``; the learned terms (log(1 + ReLU(logit)), max-pooled) add to it.
+
+Why: a causal LM head predicts the *next* token, so a fresh csplade vector puts under 1% of its weight
+on the text's own tokens, and the trained models lost the exact matching that BM25 (and a model's
+tokens at IDF, ``eval/token_idf.py``) has; a short contrastive run does not learn it back. With the
+residual the model starts where BM25 on its tokens is and learns what to add (expansion, weights of
+other terms); like inference-free queries (``doc_only``), the IDF and mean length are those of the
+training documents and are saved with the model (``lexical_weights.safetensors``).
+
+Written here rather than with a BM25 library: bm25s and Lucene score a collection over their own word
+tokenizers, and this residual is part of one text's vector, on the model's token ids, computed per
+batch while tokenizing (so training and encoding see the same). ``tests/test_lexical.py`` checks its
+scores against bm25s on the same token ids.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from csplade.model.config import LEXICAL_NAME
+
+K1 = 1.2
+B = 0.75
+MAX_LENGTH = 32_768  # longer documents count as this long (more than any max length in use)
+
+
+@dataclass(frozen=True)
+class LexicalWeights:
+    """What the residual needs from the training documents: IDF per vocabulary id, their lengths."""
+
+    idf: torch.Tensor  # (V,) float32
+    lengths: torch.Tensor  # (MAX_LENGTH + 1,) int64: how many documents have each token count
+
+    def __post_init__(self) -> None:
+        if self.idf.ndim != 1:
+            raise ValueError(
+                f"idf must be one value per vocabulary id, got shape {tuple(self.idf.shape)}"
+            )
+        if self.lengths.ndim != 1 or int(self.lengths[1:].sum()) == 0:
+            raise ValueError("lengths must count documents by token count, some with tokens")
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.lengths.sum())
+
+    def avgdl(self, max_length: int) -> float:
+        """The documents' mean token count when each is cut to its first `max_length`."""
+        counts = self.lengths.double()
+        sizes = torch.arange(len(counts), dtype=torch.float64).clamp(max=max_length)
+        return float((counts * sizes).sum() / counts.sum())
+
+
+def statistics(token_rows: Iterable[list[int]], vocab: int) -> LexicalWeights:
+    """IDF (over whole documents) and the length counts of documents given as token ids."""
+    df = np.zeros(vocab, dtype=np.int64)
+    lengths = np.zeros(MAX_LENGTH + 1, dtype=np.int64)
+    for row in token_rows:
+        ids = np.asarray(row, dtype=np.int64)
+        lengths[min(len(ids), MAX_LENGTH)] += 1
+        if len(ids):
+            df[np.unique(ids)] += 1
+    if lengths[1:].sum() == 0:
+        raise ValueError("cannot compute lexical weights: no document has a token")
+    n_docs = lengths.sum()
+    idf = np.log1p((n_docs - df + 0.5) / (df + 0.5))
+    return LexicalWeights(torch.from_numpy(idf.astype(np.float32)), torch.from_numpy(lengths))
+
+
+def position_weights(
+    input_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    kind: str,
+    weights: LexicalWeights,
+    scale: float,
+    max_length: int,
+) -> torch.Tensor:
+    """(B, L) float32 weights that, scatter-added over `input_ids`, give each text's residual (B, V).
+
+    Each of a text's `tf` occurrences of a token carries ``1 / tf`` of that token's residual. Documents
+    are normalised by the training documents' mean length at `max_length` (their truncation).
+    """
+    out = torch.zeros(input_ids.shape, dtype=torch.float32)
+    avgdl = weights.avgdl(max_length) if kind == "doc" else 1.0
+    for i in range(input_ids.shape[0]):
+        positions = text_mask[i].nonzero().flatten()
+        if positions.numel() == 0:
+            continue
+        ids = input_ids[i, positions].cpu()
+        _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        tf = counts[inverse].float()  # (n,) each position's token count in this text
+        if kind == "query":
+            per_token = weights.idf[ids]
+        else:
+            norm = K1 * (1.0 - B + B * len(ids) / avgdl)
+            per_token = tf * (K1 + 1.0) / (tf + norm)
+        out[i, positions] = scale * per_token / tf
+    return out
+
+
+def residual(input_ids: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, V) float32: the `position` (B, L) weights summed per vocabulary id."""
+    out = torch.zeros((input_ids.shape[0], vocab), dtype=torch.float32, device=input_ids.device)
+    return out.scatter_add_(1, input_ids, position.to(out.device, torch.float32))
+
+
+def save(weights: LexicalWeights, folder: str | os.PathLike) -> None:
+    tensors = {
+        "idf": weights.idf.detach().float().cpu().contiguous(),
+        "lengths": weights.lengths.to(torch.int64).cpu().contiguous(),
+    }
+    save_file(tensors, Path(folder) / LEXICAL_NAME)
+
+
+def load(folder: str | os.PathLike) -> LexicalWeights | None:
+    file = Path(folder) / LEXICAL_NAME
+    if not file.exists():
+        return None
+    data = load_file(file)
+    missing = sorted({"idf", "lengths"} - set(data))
+    if missing:
+        raise ValueError(f"{file}: missing tensor(s) {missing}")
+    return LexicalWeights(data["idf"].float(), data["lengths"])

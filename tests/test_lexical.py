@@ -1,0 +1,143 @@
+"""The lexical residual (csplade.model.lexical): its scores are BM25 on the model's tokens (bm25s is
+the reference), it counts the text once (not the echo copy, not the prefix), documents are normalised
+at the encoder's truncation, it is saved with the model, and training computes it from its documents."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import bm25s
+import numpy as np
+import pytest
+import torch
+from synthetic import save_base, write_groups
+from tiny import random_texts
+
+from csplade.model import lexical
+from csplade.model.encoder import SparseEncoder
+from csplade.model.st_files import unsupported
+
+QUERIES = ["aa ab ac", "ad ae", "af ag ah ai", "aa zz"]
+
+
+def _encoder(factory, docs, **settings):
+    encoder = factory(lexical_residual=True, **settings)
+    ids = encoder.tokenizer(docs, add_special_tokens=False)["input_ids"]
+    encoder.lexical = lexical.statistics(ids, encoder.vocab_size)
+    return encoder
+
+
+def _residual(encoder, texts, kind):
+    """The residual alone: the vectors with it minus the same encoder's vectors without it."""
+    with_it = encoder.encode(texts, kind, show_progress=False).toarray()
+    learned_only = dataclasses.replace(encoder.config, lexical_residual=False)
+    encoder.config, saved = learned_only, encoder.config
+    try:
+        without = encoder.encode(texts, kind, show_progress=False).toarray()
+    finally:
+        encoder.config = saved
+    return with_it - without, without
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"variant": "uni"},
+        {"variant": "echo", "doc_prefix": "passage: "},
+        {"variant": "bi", "query_prefix": "query: ", "doc_prefix": "passage: "},
+    ],
+)
+def test_the_residual_scores_are_bm25_on_the_tokens(tiny_encoder_factory, settings):
+    """Query residual . document residual == scale^2 (k1 + 1) * bm25s (Lucene's IDF, no (k1 + 1))
+    over the same token ids: each text counted once, its prefix and echo copy left out."""
+    docs = random_texts(40, min_words=3, max_words=30, seed=3)
+    scale = 0.7
+    encoder = _encoder(tiny_encoder_factory, docs, lexical_scale=scale, **settings)
+    q_res, q_learned = _residual(encoder, QUERIES, "query")
+    d_res, _ = _residual(encoder, docs, "doc")
+    assert np.abs(q_learned).sum() > 0  # the learned terms are there too, and left unchanged
+
+    ids = encoder.tokenizer(docs, add_special_tokens=False)["input_ids"]
+    retriever = bm25s.BM25(method="lucene", k1=lexical.K1, b=lexical.B)
+    retriever.index([[str(t) for t in row] for row in ids], show_progress=False)
+    for q, query in enumerate(QUERIES):
+        tokens = encoder.tokenizer(query, add_special_tokens=False)["input_ids"]
+        want = retriever.get_scores([str(t) for t in tokens]) * (lexical.K1 + 1) * scale**2
+        np.testing.assert_allclose(d_res @ q_res[q], want, rtol=1e-5, atol=1e-6)
+
+
+def test_documents_are_normalised_at_the_encoders_truncation(tiny_encoder_factory):
+    """Cut to doc_max_length, a document's weights use its cut length and the training documents'
+    mean length at that cut (not their whole length); IDF stays the whole documents'."""
+    docs = random_texts(30, min_words=5, max_words=40, seed=5)
+    limit = 12
+    encoder = _encoder(tiny_encoder_factory, docs, doc_max_length=limit)
+    d_res, _ = _residual(encoder, docs, "doc")
+    ids = encoder.tokenizer(docs, add_special_tokens=False)["input_ids"]
+    avgdl = np.mean([min(len(row), limit) for row in ids])
+    assert encoder.lexical.avgdl(limit) == pytest.approx(avgdl)
+    assert avgdl < np.mean([len(row) for row in ids])
+    k1, b = lexical.K1, lexical.B
+    for i, row in enumerate(ids):
+        cut = row[:limit]
+        want = np.zeros(encoder.vocab_size)
+        for token in set(cut):
+            tf = cut.count(token)
+            want[token] = tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(cut) / avgdl))
+        np.testing.assert_allclose(d_res[i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_and_loaded_with_the_model(tiny_encoder_factory, tmp_path):
+    docs = random_texts(20, seed=1)
+    encoder = _encoder(tiny_encoder_factory, docs, lexical_scale=1.5)
+    before = encoder.encode(docs, "doc", show_progress=False)
+    encoder.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "lexical_weights.safetensors").exists()
+    bert = tiny_encoder_factory("bert", lexical_residual=True)  # otherwise sentence-transformers'
+    assert unsupported(bert) == "a lexical residual (no module adds it)"
+    assert "lexical residual" in (tmp_path / "model" / "README.md").read_text()
+    loaded = SparseEncoder.from_pretrained(tmp_path / "model")
+    assert loaded.config.lexical_residual and loaded.config.lexical_scale == 1.5
+    after = loaded.encode(docs, "doc", show_progress=False)
+    np.testing.assert_allclose(after.toarray(), before.toarray(), rtol=1e-5, atol=1e-6)
+
+    other = _encoder(tiny_encoder_factory, docs[:5], lexical_scale=1.5)
+    assert other.fingerprint() != encoder.fingerprint()  # the weights are part of its identity
+
+
+def test_without_weights_encoding_fails_clearly(tiny_encoder_factory):
+    encoder = tiny_encoder_factory(lexical_residual=True)
+    with pytest.raises(ValueError, match="no 'lexical' weights"):
+        encoder.encode(["aa ab"], "doc", show_progress=False)
+    with pytest.raises(ValueError, match="exclude each other"):
+        tiny_encoder_factory(lexical_residual=True, doc_only=True)
+
+
+def test_training_computes_the_weights_from_its_documents(tmp_path):
+    """`lexical_residual: true` in a recipe: the run computes IDF and lengths from its training
+    documents (the groups' distinct texts) and saves them; the saved model encodes."""
+    from csplade.training.contrastive import run_training
+    from csplade.training.recipe import parse_recipe
+
+    groups = write_groups(tmp_path / "groups.jsonl", n=40)
+    base = save_base(tmp_path / "base")
+    args = ["--model_name_or_path", str(base), "--train_data", str(groups),
+            "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4",
+            "--group_size", "2", "--max_steps", "2", "--use_cpu", "true",
+            "--lexical_residual", "true", "--lexical_scale", "0.5"]  # fmt: skip
+    out = run_training(*parse_recipe(None, args))
+    saved = lexical.load(out)
+    texts = []
+    for line in groups.read_text().splitlines():
+        row = json.loads(line)
+        texts += [t for t in (*row["positives"], *row["negatives"]) if t not in texts]
+    trained = SparseEncoder.from_pretrained(out)
+    want = lexical.statistics(
+        trained.tokenizer(texts, add_special_tokens=False)["input_ids"], trained.vocab_size
+    )
+    assert saved.n_docs == len(texts)
+    torch.testing.assert_close(saved.idf, want.idf)
+    assert torch.equal(saved.lengths, want.lengths)
+    d_res, _ = _residual(trained, texts[:3], "doc")
+    assert (d_res > 0).sum() > 0
