@@ -3,6 +3,7 @@
     python eval/token_idf.py --datasets adi cranfield scifact            # SmolLM2's tokenizer
     python eval/token_idf.py --model splade-tiny --doc-max-length 512
     python eval/token_idf.py --datasets adi --vectors-of runs/my-model    # + its documents' own-token share
+    python eval/token_idf.py --residual-of runs/my-model   # a lexical-residual model's residual alone
 
 A document's vector holds ``1 + log(tf)`` for each token of its first ``--doc-max-length`` tokens; a
 query's holds the collection's IDF (BM25's form, over the same truncated documents) for each of its
@@ -11,7 +12,10 @@ learns anything but its tokenizer: the lexical matching BM25 does, without lengt
 on sub-word tokens. A trained csplade model below this row has lost lexical matching that it could
 have kept; the study's rows (`eval/study.py`) read against it. ``--vectors-of MODEL`` also encodes the
 documents with a csplade model and reports how much of their vectors' weight sits on their own tokens
-(:func:`own_token_share`), the quantity this reference is made of.
+(:func:`own_token_share`), the quantity this reference is made of. ``--residual-of MODEL`` scores, for
+a model trained with ``lexical_residual`` (:mod:`csplade.model.lexical`), its residual alone (BM25 on
+its tokens with its training documents' IDF and lengths, through the model's own tokenization), the
+row that says what its learned terms add.
 
 Written here rather than with a library: BM25 libraries (bm25s, Lucene) tokenize words, and this row
 is about the model's own vocabulary; the scoring is csplade's exact inverted index and pytrec_eval.
@@ -70,6 +74,29 @@ def token_idf_run(tokenizer, data, doc_max_length: int, k: int = 1000) -> dict:
     return {qid: dict(pairs) for qid, pairs in hits.items()}
 
 
+def residual_run(encoder, data, batch_size: int = 256, k: int = 1000) -> dict:
+    """{query id: {doc id: score}} of a lexical-residual model's residual alone (no network runs)."""
+    from csplade.model import lexical
+
+    if encoder.lexical is None or not encoder.config.lexical_residual:
+        raise ValueError("--residual-of needs a model trained with lexical_residual")
+
+    def vectors(texts: list[str], kind: str) -> sp.csr_matrix:
+        rows = []
+        for start in tqdm(range(0, len(texts), batch_size), desc=f"{data.name} {kind} residual"):
+            batch = encoder.tokenize(texts[start : start + batch_size], kind)
+            dense = lexical.residual(batch["input_ids"], batch["lexical"], encoder.vocab_size)
+            rows.append(sp.csr_matrix(dense.numpy()))
+        return sp.vstack(rows, format="csr")
+
+    query_ids = list(data.queries)
+    d = vectors(data.doc_texts, "doc")
+    q = vectors([data.queries[qid] for qid in query_ids], "query")
+    index = InvertedIndex.build(d, data.doc_ids)
+    hits = index.search_ids(q, query_ids, k=min(k, len(data.doc_ids)))
+    return {qid: dict(pairs) for qid, pairs in hits.items()}
+
+
 def own_token_share(encoder, texts: list[str], doc_max_length: int, batch_size: int = 16) -> dict:
     """How a model's document vectors relate to the documents' own tokens (first `doc_max_length`).
 
@@ -105,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a csplade model: report its documents' own-token share too",
     )
+    parser.add_argument(
+        "--residual-of",
+        default=None,
+        help="a csplade model with a lexical residual: score its residual alone instead",
+    )
     parser.add_argument("--dtype", default="bfloat16", help="for --vectors-of")
     parser.add_argument("--out", default=None, help="also write the metrics here as JSON")
     args = parser.parse_args(argv)
@@ -117,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     from csplade.model.backbones import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
-    encoder = None
+    encoder = residual = None
+    if args.residual_of:
+        from csplade.model import SparseEncoder
+
+        residual = SparseEncoder.from_pretrained(
+            args.residual_of, dtype=args.dtype, doc_max_length=args.doc_max_length
+        )
     if args.vectors_of:
         from csplade.model import SparseEncoder
 
@@ -125,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in args.datasets:
         data = load_beir(find_dataset(name), args.split)
-        run = token_idf_run(tokenizer, data, args.doc_max_length)
+        if residual is not None:
+            run = residual_run(residual, data)
+        else:
+            run = token_idf_run(tokenizer, data, args.doc_max_length)
         means = evaluate_run(data.qrels, run).mean
         results[name] = means
         print(

@@ -78,3 +78,27 @@ def test_own_token_share_equals_a_dense_count(tiny_encoder_factory):
     assert share["distinct_own_tokens"] == pytest.approx(sum(map(len, own)) / len(texts))
     assert share["own_weight_share"] == pytest.approx(on_own / dense.sum(), rel=1e-5)
     assert 0 < share["own_weight_share"] < 1
+
+
+def test_residual_run_is_the_models_residual_alone(tiny_encoder_factory, tmp_path):
+    """--residual-of: a lexical-residual model's residual alone, (k1 + 1) * bm25s over its tokens
+    (the learned terms, which the tiny random model has plenty of, take no part)."""
+    import bm25s
+
+    from csplade.model import lexical
+
+    write_beir(tmp_path, DOCS, QUERIES, QRELS, "test")
+    data = load_beir(tmp_path, "test")
+    encoder = tiny_encoder_factory(lexical_residual=True)
+    ids = encoder.tokenizer(data.doc_texts, add_special_tokens=False)["input_ids"]
+    encoder.lexical = lexical.statistics(ids, encoder.vocab_size)
+    run = _module().residual_run(encoder, data, batch_size=3)
+    retriever = bm25s.BM25(method="lucene", k1=lexical.K1, b=lexical.B)
+    retriever.index([[str(t) for t in row] for row in ids], show_progress=False)
+    for q, text in QUERIES.items():
+        tokens = encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+        scores = retriever.get_scores([str(t) for t in tokens]) * (lexical.K1 + 1)
+        want = {d: s for d, s in zip(data.doc_ids, scores, strict=True) if s > 0}
+        assert run[q].keys() == want.keys()
+        for d in want:
+            assert run[q][d] == pytest.approx(want[d], rel=1e-5)
