@@ -52,14 +52,20 @@ def token_matrix(rows: list[list[int]], vocab: int, weight) -> sp.csr_matrix:
     return sp.csr_matrix((vals_a, cols_a, np.asarray(indptr)), shape=(len(rows), vocab))
 
 
-def token_idf_run(tokenizer, data, doc_max_length: int, k: int = 1000) -> dict:
-    """{query id: {doc id: score}} of the token-IDF reference on one loaded BEIR split."""
+def token_idf_run(
+    tokenizer, data, doc_max_length: int, k: int = 1000, lowercase: bool = False
+) -> dict:
+    """{query id: {doc id: score}} of the token-IDF reference on one loaded BEIR split.
+
+    `lowercase` lowercases documents and queries before tokenizing (the model's tokens are cased).
+    """
     vocab = len(tokenizer)
+    fold = str.lower if lowercase else str
     docs = []
     for start in tqdm(
         range(0, len(data.doc_texts), 1024), desc=f"{data.name} tokens", unit="batch"
     ):
-        batch = data.doc_texts[start : start + 1024]
+        batch = [fold(text) for text in data.doc_texts[start : start + 1024]]
         docs += [
             ids[:doc_max_length] for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]
         ]
@@ -67,7 +73,9 @@ def token_idf_run(tokenizer, data, doc_max_length: int, k: int = 1000) -> dict:
     df = np.bincount(d.indices, minlength=vocab)
     idf = np.log1p((len(docs) - df + 0.5) / (df + 0.5))
     query_ids = list(data.queries)
-    q_ids = tokenizer([data.queries[q] for q in query_ids], add_special_tokens=False)["input_ids"]
+    q_ids = tokenizer([fold(data.queries[q]) for q in query_ids], add_special_tokens=False)[
+        "input_ids"
+    ]
     q = token_matrix(q_ids, vocab, lambda ids, tf: idf[ids])
     index = InvertedIndex.build(d, data.doc_ids)
     hits = index.search_ids(q, query_ids, k=min(k, len(docs)))
@@ -137,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a csplade model with a lexical residual: score its residual alone instead",
     )
+    parser.add_argument(
+        "--lowercase", action="store_true", help="lowercase the texts first (the reference only)"
+    )
     parser.add_argument("--dtype", default="bfloat16", help="for --vectors-of")
     parser.add_argument("--out", default=None, help="also write the metrics here as JSON")
     args = parser.parse_args(argv)
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if residual is not None:
             run = residual_run(residual, data)
         else:
-            run = token_idf_run(tokenizer, data, args.doc_max_length)
+            run = token_idf_run(tokenizer, data, args.doc_max_length, lowercase=args.lowercase)
         means = evaluate_run(data.qrels, run).mean
         results[name] = means
         print(

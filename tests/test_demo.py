@@ -67,6 +67,9 @@ def test_demo_runs_end_to_end_and_caches_its_stages(backbone, adi, tmp_path, var
     adapted_bias = (out / f"adapt-{variant}" / "head_bias.safetensors").exists()
     assert adapted_bias is not recalibrates
     assert (out / f"train-{variant}" / "head_bias.safetensors").exists()
+    # train-bi.yaml adds the lexical residual: the demo's trained model carries its training IDF
+    lexical = (out / f"train-{variant}" / "lexical_weights.safetensors").exists()
+    assert lexical is (variant == "bi")
     metrics = json.loads((written["table"].parent / "metrics.json").read_text())
     systems = [f"tiny-{variant}-untrained", f"tiny-{variant}-trained", "bm25"]
     assert list(metrics) == systems

@@ -64,6 +64,21 @@ def test_token_idf_run_equals_the_brute_force_definition(tmp_path, max_len):
     assert ("d4" in run["q3"]) == (max_len > 8)
 
 
+def test_lowercase_folds_case_before_tokenizing(tmp_path):
+    """The tiny tokenizer's words are lowercase: cased texts are all <unk>, folded they give the
+    lowercase collection's run."""
+    upper = {d: (title, text.upper()) for d, (title, text) in DOCS.items()}
+    queries = {q: text.title() for q, text in QUERIES.items()}
+    data = load_beir(write_beir(tmp_path / "toy", upper, queries, QRELS, "test"), "test")
+    module = _module()
+    cased = module.token_idf_run(tiny_tokenizer(), data, doc_max_length=256)
+    expected = _brute_force(256)
+    assert any(cased[q].keys() != expected[q].keys() for q in expected)
+    folded = module.token_idf_run(tiny_tokenizer(), data, doc_max_length=256, lowercase=True)
+    for q in expected:
+        assert folded[q] == pytest.approx(expected[q], rel=1e-5), q
+
+
 def test_own_token_share_equals_a_dense_count(tiny_encoder_factory):
     encoder = tiny_encoder_factory("llama", variant="bi")
     texts = [text for _, text in DOCS.values()]
