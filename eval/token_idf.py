@@ -38,6 +38,7 @@ from csplade.data.beir import find_dataset, load_beir
 from csplade.evaluation.beir_eval import slice_data
 from csplade.evaluation.metrics import evaluate_run
 from csplade.index.inverted import InvertedIndex
+from csplade.model import lexical
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,21 +75,24 @@ def token_idf_run(
         ]
     d = token_matrix(docs, vocab, lambda ids, tf: 1.0 + np.log(tf))
     df = np.bincount(d.indices, minlength=vocab)
-    idf = np.log1p((len(docs) - df + 0.5) / (df + 0.5))
+    idf = lexical.bm25_idf(df, len(docs))
     query_ids = list(data.queries)
     q_ids = tokenizer([fold(data.queries[q]) for q in query_ids], add_special_tokens=False)[
         "input_ids"
     ]
     q = token_matrix(q_ids, vocab, lambda ids, tf: idf[ids])
-    index = InvertedIndex.build(d, data.doc_ids)
-    hits = index.search_ids(q, query_ids, k=min(k, len(docs)))
+    return search(d, q, data.doc_ids, query_ids, k)
+
+
+def search(d: sp.csr_matrix, q: sp.csr_matrix, doc_ids, query_ids, k: int) -> dict:
+    """{query id: {doc id: score}}: exact dot-product search of `q` over `d` (csplade's index)."""
+    index = InvertedIndex.build(d, doc_ids)
+    hits = index.search_ids(q, query_ids, k=min(k, len(doc_ids)))
     return {qid: dict(pairs) for qid, pairs in hits.items()}
 
 
 def residual_run(encoder, data, batch_size: int = 256, k: int = 1000) -> dict:
     """{query id: {doc id: score}} of a lexical-residual model's residual alone (no network runs)."""
-    from csplade.model import lexical
-
     if encoder.lexical is None or not encoder.config.lexical_residual:
         raise ValueError("--residual-of needs a model trained with lexical_residual")
 
@@ -103,9 +107,7 @@ def residual_run(encoder, data, batch_size: int = 256, k: int = 1000) -> dict:
     query_ids = list(data.queries)
     d = vectors(data.doc_texts, "doc")
     q = vectors([data.queries[qid] for qid in query_ids], "query")
-    index = InvertedIndex.build(d, data.doc_ids)
-    hits = index.search_ids(q, query_ids, k=min(k, len(data.doc_ids)))
-    return {qid: dict(pairs) for qid, pairs in hits.items()}
+    return search(d, q, data.doc_ids, query_ids, k)
 
 
 def own_token_share(encoder, texts: list[str], doc_max_length: int, batch_size: int = 16) -> dict:

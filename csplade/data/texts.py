@@ -40,6 +40,7 @@ from csplade.data.rows import (
 )
 from csplade.data.sampling import GroupDataset
 from csplade.data.streaming import StreamingGroupDataset
+from csplade.model.lexical import bm25_idf
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ def corpus_idf(
         n_docs += 1
     if n_docs == 0:
         raise ValueError("cannot compute IDF: the training data holds no documents")
-    idf = np.log1p((n_docs - df + 0.5) / (df + 0.5))
+    idf = bm25_idf(df, n_docs)
     logger.info(
         "IDF over %d training documents (%d distinct tokens seen)", n_docs, int((df > 0).sum())
     )

@@ -64,6 +64,11 @@ class LexicalWeights:
         return float((counts * sizes).sum() / counts.sum())
 
 
+def bm25_idf(df: np.ndarray, n_docs: int) -> np.ndarray:
+    """Lucene's BM25 IDF ``log(1 + (N - df + 0.5) / (df + 0.5))``: > 0 for every id, largest at df 0."""
+    return np.log1p((n_docs - df + 0.5) / (df + 0.5))
+
+
 def statistics(token_rows: Iterable[list[int]], vocab: int) -> LexicalWeights:
     """IDF (over whole documents) and the length counts of documents given as token ids."""
     df = np.zeros(vocab, dtype=np.int64)
@@ -75,8 +80,7 @@ def statistics(token_rows: Iterable[list[int]], vocab: int) -> LexicalWeights:
             df[np.unique(ids)] += 1
     if lengths[1:].sum() == 0:
         raise ValueError("cannot compute lexical weights: no document has a token")
-    n_docs = lengths.sum()
-    idf = np.log1p((n_docs - df + 0.5) / (df + 0.5))
+    idf = bm25_idf(df, int(lengths.sum()))
     return LexicalWeights(torch.from_numpy(idf.astype(np.float32)), torch.from_numpy(lengths))
 
 
