@@ -141,3 +141,45 @@ def test_training_computes_the_weights_from_its_documents(tmp_path):
     assert torch.equal(saved.lengths, want.lengths)
     d_res, _ = _residual(trained, texts[:3], "doc")
     assert (d_res > 0).sum() > 0
+
+
+def test_training_regularizes_the_learned_terms_only(tmp_path, monkeypatch):
+    """FLOPS in training sees the learned terms alone: what it is given equals the same model's
+    vectors with the residual off, on the same batch (the residual is fixed BM25; counting it would
+    press hardest on the learned weights of a text's own tokens)."""
+    from csplade.training import losses
+    from csplade.training.contrastive import SparseTrainer, run_training
+    from csplade.training.recipe import parse_recipe
+
+    seen = {}
+    original_loss, original_reg = SparseTrainer.compute_loss, losses.regularize
+
+    def capture_loss(self, model, inputs, *args, **kwargs):
+        seen.setdefault("inputs", inputs)
+        return original_loss(self, model, inputs, *args, **kwargs)
+
+    def capture_reg(reps, kind, **kwargs):
+        seen.setdefault("reps", []).append(reps.detach().clone())
+        return original_reg(reps, kind, **kwargs)
+
+    monkeypatch.setattr(SparseTrainer, "compute_loss", capture_loss)
+    monkeypatch.setattr(losses, "regularize", capture_reg)
+    groups = write_groups(tmp_path / "groups.jsonl", n=8)
+    base = save_base(tmp_path / "base")
+    args = ["--model_name_or_path", str(base), "--train_data", str(groups),
+            "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4",
+            "--group_size", "2", "--max_steps", "1", "--use_cpu", "true", "--use_lora", "false",
+            "--lexical_residual", "true", "--lambda_q", "1e-3", "--lambda_d", "1e-3",
+            "--reg_warmup_steps", "0"]  # fmt: skip
+    run_training(*parse_recipe(None, args))
+    q_reg, d_reg = seen["reps"][:2]
+    reference = SparseEncoder.from_pretrained(base)  # the weights of the first step's forward
+    reference.config = dataclasses.replace(reference.config, lexical_residual=False)
+    reference.eval()
+    with torch.no_grad():
+        for batch, got in ((seen["inputs"]["query"], q_reg), (seen["inputs"]["doc"], d_reg)):
+            plain = {k: v for k, v in batch.items() if k != "lexical"}
+            want = reference(**plain)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            full = lexical.residual(batch["input_ids"], batch["lexical"], got.shape[1])
+            assert (full > 0).sum() > 0  # there was a residual to leave out

@@ -121,6 +121,16 @@ def residual(input_ids: torch.Tensor, position: torch.Tensor, vocab: int) -> tor
     return out.scatter_add_(1, input_ids, position.to(out.device, torch.float32))
 
 
+def learned_part(reps: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(B, V): `reps` of a tokenized `batch` (with its ``lexical`` weights) less their residual, i.e. the
+    learned terms alone (the same as the encoder's output with ``lexical_residual`` off, up to float
+    rounding, clamped at zero). Training regularizes these: the residual is fixed BM25 that no
+    gradient changes, and counting its mass would press hardest on the learned terms of a text's own
+    tokens."""
+    own = residual(batch["input_ids"].to(reps.device), batch["lexical"], reps.shape[1])
+    return (reps - own).clamp_min(0.0)
+
+
 def save(weights: LexicalWeights, folder: str | os.PathLike) -> None:
     tensors = {
         "idf": weights.idf.detach().float().cpu().contiguous(),

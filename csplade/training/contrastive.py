@@ -7,10 +7,12 @@ DDP, DeepSpeed ZeRO or FSDP). This module adds only what is specific to learned 
 - `compute_loss`: encode the queries and the grouped documents in one forward (one DDP forward per
   step), then InfoNCE (:func:`csplade.training.losses.contrastive_loss`, optionally with cross-device negatives),
   optional distillation from teacher scores (MarginMSE or KL), and sparsity regularizers on queries and
-  documents (FLOPS / L1 / IDF-aware FLOPS) computed on the *global* batch so the density of the model does
+  documents (FLOPS / L1 / IDF-aware FLOPS; on the learned terms only when the model has a lexical
+  residual, :func:`csplade.model.lexical.learned_part`) computed on the *global* batch so the density of the model does
   not depend on the number of GPUs. λ_q and λ_d follow a quadratic warm-up stepped per OPTIMIZER step
   (`state.global_step`), never per micro-batch.
-- logging of every loss part, λ_q, λ_d, the mean non-zeros of query and document vectors, and the
+- logging of every loss part, λ_q, λ_d, the mean non-zeros of query and document vectors (and of their
+  learned terms, with a lexical residual), and the
   score scale (mean positive and largest query-document score of the batch) (checkpoints, resume and metric averaging: :mod:`csplade.training.base`).
 
 Sharded weights: under DeepSpeed ZeRO-3 and FSDP2 the fused head reads the LM-head weight inside a module
@@ -134,12 +136,16 @@ class SparseTrainer(CheckpointingTrainer):
                 )
             weights["distill"] = sa.distill_weight
         lambda_q, lambda_d = self.reg_scheduler.weights(self.state.global_step)
+        q_learned, d_learned = q_reps, d_reps
+        if encoder.config.lexical_residual:  # the regularizers see the learned terms only
+            q_learned = lexical.learned_part(q_reps, inputs["query"])
+            d_learned = lexical.learned_part(d_reps, inputs["doc"])
         if sa.query_regularizer != "none" and not encoder.config.doc_only:
-            parts["reg_q"] = losses.regularize(q_reps, sa.query_regularizer)
+            parts["reg_q"] = losses.regularize(q_learned, sa.query_regularizer)
             weights["reg_q"] = lambda_q
         if sa.doc_regularizer != "none":
             idf = self.idf.to(d_reps.device) if sa.doc_regularizer == "idf_flops" else None
-            parts["reg_d"] = losses.regularize(d_reps, sa.doc_regularizer, idf=idf)
+            parts["reg_d"] = losses.regularize(d_learned, sa.doc_regularizer, idf=idf)
             weights["reg_d"] = lambda_d
         if not parts:
             raise ValueError("no loss to train: contrastive_weight is 0 and distill_loss is 'none'")
@@ -158,6 +164,9 @@ class SparseTrainer(CheckpointingTrainer):
             with torch.no_grad():
                 self.record("q_nnz", (q_reps > 0).sum(dim=1).float().mean())
                 self.record("d_nnz", (d_reps > 0).sum(dim=1).float().mean())
+                if encoder.config.lexical_residual:  # the learned terms among them
+                    self.record("q_learned_nnz", (q_learned > 0).sum(dim=1).float().mean())
+                    self.record("d_learned_nnz", (d_learned > 0).sum(dim=1).float().mean())
                 # score scale: what InfoNCE's softmax sees (in hundreds, it saturates)
                 scores = q_reps.float() @ d_reps.float().T  # (B, B*n)
                 positives = scores[
