@@ -6,6 +6,8 @@
     python eval/token_idf.py --residual-of runs/my-model   # a lexical-residual model's residual alone
     python eval/token_idf.py --residual-of runs/demo/train-bi --datasets scifact --max-queries 80 \
         --max-docs 400                                      # on the demo's slice
+    python eval/token_idf.py --residual-of runs/my-model --residual-loss runs/groups.jsonl \
+        --temperature 5                        # the training loss of its residual alone
 
 A document's vector holds ``1 + log(tf)`` for each token of its first ``--doc-max-length`` tokens; a
 query's holds the collection's IDF (BM25's form, over the same truncated documents) for each of its
@@ -17,7 +19,10 @@ documents with a csplade model and reports how much of their vectors' weight sit
 (:func:`own_token_share`), the quantity this reference is made of. ``--residual-of MODEL`` scores, for
 a model trained with ``lexical_residual`` (:mod:`csplade.model.lexical`), its residual alone (BM25 on
 its tokens with its training documents' IDF and lengths, through the model's own tokenization), the
-row that says what its learned terms add.
+row that says what its learned terms add; with ``--residual-loss GROUPS`` it reports instead the
+training loss (InfoNCE with in-batch negatives, csplade's own) of that residual alone on training
+groups read and sampled as training reads them, the level a run's logged loss must go below for its learned
+terms to have learned anything.
 
 Written here rather than with a library: BM25 libraries (bm25s, Lucene) tokenize words, and this row
 is about the model's own vocabulary; the scoring is csplade's exact inverted index and pytrec_eval.
@@ -110,6 +115,48 @@ def residual_run(encoder, data, batch_size: int = 256, k: int = 1000) -> dict:
     return search(d, q, data.doc_ids, query_ids, k)
 
 
+def residual_loss(
+    encoder,
+    groups: str,
+    temperature: float,
+    group_size: int = 2,
+    batch_size: int = 16,
+    seed: int = 42,
+) -> float:
+    """Mean InfoNCE (in-batch negatives) of a lexical-residual model's residual alone on `groups`.
+
+    The groups are read and sampled as ``csplade train`` reads them (one positive and
+    ``group_size - 1`` of the group's negatives, seeded), in consecutive batches of `batch_size`
+    (a last, shorter batch dropped); no network runs.
+    """
+    import torch
+
+    from csplade.data.groups import load_training_groups
+    from csplade.data.sampling import GroupCollator
+    from csplade.training.arguments import DataArguments
+    from csplade.training.losses import contrastive_loss
+
+    if encoder.lexical is None or not encoder.config.lexical_residual:
+        raise ValueError("--residual-loss needs a model trained with lexical_residual")
+    dataset = load_training_groups(
+        DataArguments(train_data=groups, group_size=group_size), seed=seed
+    )
+    collate = GroupCollator(encoder.tokenize)
+    values = []
+    starts = range(0, len(dataset) - batch_size + 1, batch_size)
+    for start in tqdm(starts, desc="residual loss", unit="batch"):
+        batch = collate([dataset[i] for i in range(start, start + batch_size)])
+        q, d = (
+            lexical.residual(batch[kind]["input_ids"], batch[kind]["lexical"], encoder.vocab_size)
+            for kind in ("query", "doc")
+        )
+        loss = contrastive_loss(q, d, group_size, temperature=temperature, in_batch_negatives=True)
+        values.append(float(loss))
+    if not values:
+        raise ValueError(f"{groups}: fewer than {batch_size} groups, no whole batch")
+    return float(torch.tensor(values).mean())
+
+
 def own_token_share(encoder, texts: list[str], doc_max_length: int, batch_size: int = 16) -> dict:
     """How a model's document vectors relate to the documents' own tokens (first `doc_max_length`).
 
@@ -153,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         help="a csplade model with a lexical residual: score its residual alone instead",
     )
     parser.add_argument(
+        "--residual-loss",
+        default=None,
+        help="with --residual-of: training groups; report its residual's training loss on them",
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="for --residual-loss")
+    parser.add_argument("--group-size", type=int, default=2, help="for --residual-loss")
+    parser.add_argument("--batch-size", type=int, default=16, help="for --residual-loss")
+    parser.add_argument(
         "--lowercase", action="store_true", help="lowercase the texts first (the reference only)"
     )
     parser.add_argument("--dtype", default="bfloat16", help="for --vectors-of")
@@ -171,13 +226,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.residual_of:
         from csplade.model import SparseEncoder
 
-        residual = SparseEncoder.from_pretrained(
-            args.residual_of, dtype=args.dtype, doc_max_length=args.doc_max_length
-        )
+        # the training loss at the model's own (training) lengths; retrieval at --doc-max-length
+        lengths = {} if args.residual_loss else {"doc_max_length": args.doc_max_length}
+        residual = SparseEncoder.from_pretrained(args.residual_of, dtype=args.dtype, **lengths)
     if args.vectors_of:
         from csplade.model import SparseEncoder
 
         encoder = SparseEncoder.from_pretrained(args.vectors_of, dtype=args.dtype)
+    if args.residual_loss:
+        if residual is None:
+            parser.error("--residual-loss needs --residual-of MODEL")
+        value = residual_loss(
+            residual, args.residual_loss, args.temperature, args.group_size, args.batch_size
+        )
+        print(
+            f"{args.residual_of}: its residual alone, InfoNCE at temperature {args.temperature} "
+            f"on {args.residual_loss}: {value:.4f}",
+            flush=True,
+        )
+        if args.out:
+            write_json_atomic(args.out, {"residual_loss": value}, indent=2)
+        return 0
     results = {}
     for name in args.datasets:
         data, _ = slice_data(

@@ -117,3 +117,56 @@ def test_residual_run_is_the_models_residual_alone(tiny_encoder_factory, tmp_pat
         assert run[q].keys() == want.keys()
         for d in want:
             assert run[q][d] == pytest.approx(want[d], rel=1e-5)
+
+
+def test_residual_loss_is_infonce_of_the_residual_alone(tiny_encoder_factory, tmp_path):
+    """--residual-loss: InfoNCE (in-batch negatives) of the residual vectors alone (with minus
+    without the residual, as encoded), by hand, over whole batches of the groups in file order."""
+    import dataclasses
+    import json
+
+    import numpy as np
+    from tiny import random_texts
+
+    from csplade.model import lexical
+
+    texts = random_texts(20, min_words=4, max_words=12, seed=5)
+    rows = [  # queries share words with their positive, sometimes with their negative too
+        {
+            "query": " ".join(texts[i].split()[:2]),
+            "positives": [texts[i]],
+            "negatives": [texts[i + 10]],
+        }
+        for i in range(10)
+    ]  # one negative each: nothing sampled
+    groups = tmp_path / "groups.jsonl"
+    groups.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    encoder = tiny_encoder_factory(lexical_residual=True)
+    docs = [t for row in rows for t in (*row["positives"], *row["negatives"])]
+    ids = encoder.tokenizer(docs, add_special_tokens=False)["input_ids"]
+    encoder.lexical = lexical.statistics(ids, encoder.vocab_size)
+    got = _module().residual_loss(encoder, str(groups), temperature=2.0, batch_size=4)
+
+    def residual(texts, kind):
+        with_it = encoder.encode(texts, kind, show_progress=False).toarray()
+        saved = encoder.config
+        encoder.config = dataclasses.replace(saved, lexical_residual=False)
+        try:
+            return with_it - encoder.encode(texts, kind, show_progress=False).toarray()
+        finally:
+            encoder.config = saved
+
+    losses = []
+    for batch in (rows[0:4], rows[4:8]):  # the last 2 groups make no whole batch
+        q = residual([row["query"] for row in batch], "query")
+        d = residual(
+            [t for row in batch for t in (row["positives"][0], row["negatives"][0])], "doc"
+        )
+        scores = q @ d.T / 2.0
+        for i in range(len(batch)):
+            row = scores[i] - scores[i].max()
+            losses.append(-(row[2 * i] - math.log(np.exp(row).sum())))
+    assert got == pytest.approx(float(np.mean(losses)), rel=1e-4)
+    assert (
+        np.abs(scores).sum() > 0 and 0.01 < got < math.log(8) - 0.01
+    )  # neither uniform nor solved
