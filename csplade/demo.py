@@ -72,7 +72,7 @@ class DemoSettings:
             "doc_max_length": 128,
             "group_size": 2,  # 1 positive + 1 BM25 negative, besides the in-batch negatives
             "per_device_train_batch_size": 16,
-            "max_steps": 40,
+            "max_steps": 25,
             "learning_rate": 3e-4,
             "warmup_steps": 10,
             "lambda_q": 1e-3,
