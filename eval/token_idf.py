@@ -129,8 +129,6 @@ def residual_loss(
     ``group_size - 1`` of the group's negatives, seeded), in consecutive batches of `batch_size`
     (a last, shorter batch dropped); no network runs.
     """
-    import torch
-
     from csplade.data.groups import load_training_groups
     from csplade.data.sampling import GroupCollator
     from csplade.training.arguments import DataArguments
@@ -154,7 +152,7 @@ def residual_loss(
         values.append(float(loss))
     if not values:
         raise ValueError(f"{groups}: fewer than {batch_size} groups, no whole batch")
-    return float(torch.tensor(values).mean())
+    return float(np.mean(values))
 
 
 def own_token_share(encoder, texts: list[str], doc_max_length: int, batch_size: int = 16) -> dict:
@@ -215,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.doc_max_length < 1:
         parser.error("--doc-max-length must be >= 1")
+    if args.residual_loss and not args.residual_of:
+        parser.error("--residual-loss needs --residual-of MODEL")
     os.environ.setdefault("CSPLADE_DATA", str(REPO.parent / "shared" / "data"))
 
     from transformers import AutoTokenizer
@@ -234,8 +234,6 @@ def main(argv: list[str] | None = None) -> int:
 
         encoder = SparseEncoder.from_pretrained(args.vectors_of, dtype=args.dtype)
     if args.residual_loss:
-        if residual is None:
-            parser.error("--residual-loss needs --residual-of MODEL")
         value = residual_loss(
             residual, args.residual_loss, args.temperature, args.group_size, args.batch_size
         )

@@ -170,3 +170,28 @@ def test_residual_loss_is_infonce_of_the_residual_alone(tiny_encoder_factory, tm
     assert (
         np.abs(scores).sum() > 0 and 0.01 < got < math.log(8) - 0.01
     )  # neither uniform nor solved
+
+
+def test_residual_loss_bad_input_names_the_problem(tiny_encoder_factory, tmp_path, capsys):
+    """--residual-loss without --residual-of stops before loading anything; too few groups for one
+    batch and a model without a residual are errors naming what is wrong."""
+    import json
+
+    from csplade.model import lexical
+
+    with pytest.raises(SystemExit):
+        _module().main(["--residual-loss", str(tmp_path / "groups.jsonl")])
+    assert "--residual-loss needs --residual-of MODEL" in capsys.readouterr().err
+    groups = tmp_path / "groups.jsonl"
+    groups.write_text(
+        "".join(
+            json.dumps({"query": "aa", "positives": ["aa ab"], "negatives": ["ac"]}) + "\n"
+            for _ in range(3)
+        )
+    )
+    encoder = tiny_encoder_factory(lexical_residual=True)
+    encoder.lexical = lexical.statistics([[5, 6], [7]], encoder.vocab_size)
+    with pytest.raises(ValueError, match="fewer than 4 groups, no whole batch"):
+        _module().residual_loss(encoder, str(groups), temperature=1.0, batch_size=4)
+    with pytest.raises(ValueError, match="needs a model trained with lexical_residual"):
+        _module().residual_loss(tiny_encoder_factory(), str(groups), temperature=1.0)
