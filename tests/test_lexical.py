@@ -183,3 +183,100 @@ def test_training_regularizes_the_learned_terms_only(tmp_path, monkeypatch):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             full = lexical.residual(batch["input_ids"], batch["lexical"], got.shape[1])
             assert (full > 0).sum() > 0  # there was a residual to leave out
+
+
+def test_lexical_docs_are_their_residual_and_run_no_forward(tiny_encoder_factory, monkeypatch):
+    """`lexical_docs`: a document's vector is exactly its residual and encoding documents never
+    reaches the backbone; queries are what the same model gives them without the setting."""
+    docs = random_texts(30, min_words=3, max_words=30, seed=5)
+    encoder = _encoder(tiny_encoder_factory, docs, variant="bi", query_prefix="query: ")
+    d_res, _ = _residual(encoder, docs, "doc")
+    queries_before = encoder.encode(QUERIES, "query", show_progress=False).toarray()
+    encoder.config = dataclasses.replace(encoder.config, lexical_docs=True)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a lexical_docs document ran the backbone")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(encoder, "_learned_terms", no_forward)
+        got = encoder.encode(docs, "doc", show_progress=False).toarray()
+        with torch.no_grad():
+            batch = encoder.tokenize(docs[:4], "doc")
+            batch.pop("n_truncated")
+            _, d_reps = encoder(doc=batch)
+    np.testing.assert_allclose(got, d_res, atol=1e-5)
+    np.testing.assert_allclose(d_reps.numpy(), d_res[:4], atol=1e-5)
+    assert (got > 0).sum(axis=1).min() > 0
+    queries_after = encoder.encode(QUERIES, "query", show_progress=False).toarray()
+    np.testing.assert_allclose(queries_after, queries_before, atol=1e-6)
+    with pytest.raises(ValueError, match="lexical_docs needs lexical_residual"):
+        tiny_encoder_factory(lexical_docs=True)
+
+
+def test_training_with_lexical_docs_learns_the_queries_only(tmp_path, monkeypatch):
+    """A `lexical_docs` run: the loss is given the documents' residual (no gradient path), FLOPS is
+    not asked for documents, the head bias is calibrated on queries alone, and the setting is saved."""
+    from csplade.model import calibration
+    from csplade.training import losses
+    from csplade.training.contrastive import SparseTrainer, run_training
+    from csplade.training.recipe import parse_recipe
+
+    seen = {"kinds": [], "reg": 0}
+    original_loss, original_reg = SparseTrainer.compute_loss, losses.regularize
+    original_quantile = calibration._quantile
+
+    def capture_loss(self, model, inputs, *args, **kwargs):
+        if "doc" not in seen:
+            seen["doc"] = inputs["doc"]
+            seen["d_reps"] = model(doc=inputs["doc"])[1]
+        return original_loss(self, model, inputs, *args, **kwargs)
+
+    def capture_reg(reps, kind, **kwargs):
+        seen["reg"] += 1
+        return original_reg(reps, kind, **kwargs)
+
+    def capture_quantile(encoder, texts, kind, *args, **kwargs):
+        seen["kinds"].append(kind)
+        return original_quantile(encoder, texts, kind, *args, **kwargs)
+
+    monkeypatch.setattr(SparseTrainer, "compute_loss", capture_loss)
+    monkeypatch.setattr(losses, "regularize", capture_reg)
+    monkeypatch.setattr(calibration, "_quantile", capture_quantile)
+    groups = write_groups(tmp_path / "groups.jsonl", n=8)
+    base = save_base(tmp_path / "base")
+    args = ["--model_name_or_path", str(base), "--train_data", str(groups),
+            "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4",
+            "--group_size", "3", "--max_steps", "1", "--use_cpu", "true", "--use_lora", "false",
+            "--lexical_residual", "true", "--lexical_docs", "true", "--lambda_q", "1e-3",
+            "--lambda_d", "1e-3", "--reg_warmup_steps", "0", "--head_bias_df", "0.2"]  # fmt: skip
+    out = run_training(*parse_recipe(None, args))
+    batch = seen["doc"]
+    want = lexical.residual(batch["input_ids"], batch["lexical"], seen["d_reps"].shape[1])
+    torch.testing.assert_close(seen["d_reps"], want)
+    assert not seen["d_reps"].requires_grad
+    assert seen["reg"] == 1  # the queries' FLOPS only
+    assert seen["kinds"] == ["query"]
+    trained = SparseEncoder.from_pretrained(out)
+    assert trained.config.lexical_docs and trained.head_bias is not None
+    assert unsupported(trained) is not None
+
+
+@pytest.mark.parametrize("kind", ["query", "doc"])
+def test_learned_top_k_caps_the_learned_terms_not_the_residual(tiny_encoder_factory, kind):
+    """`learned_top_k`: each text keeps its k largest learned terms (those of the same model
+    without the cap); the residual is added whole after the cap."""
+    docs = random_texts(30, min_words=3, max_words=30, seed=7)
+    texts = QUERIES if kind == "query" else docs[:6]
+    encoder = _encoder(tiny_encoder_factory, docs, variant="bi")
+    residual, learned = _residual(encoder, texts, kind)
+    k = 4
+    assert (learned > 0).sum(axis=1).min() > k  # the cap has something to cut
+    want = np.zeros_like(learned)
+    for i, row in enumerate(learned):
+        top = np.argsort(-row, kind="stable")[:k]
+        want[i, top] = row[top]
+    encoder.config = dataclasses.replace(encoder.config, learned_top_k=k)
+    got = encoder.encode(texts, kind, show_progress=False).toarray()
+    np.testing.assert_allclose(got, want + residual, atol=1e-5)
+    with pytest.raises(ValueError, match="learned_top_k must be a positive integer"):
+        tiny_encoder_factory(learned_top_k=0)

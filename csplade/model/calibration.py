@@ -97,13 +97,22 @@ def calibrate_head_bias(
     a uniform logit shift of +1 takes held-out SciFact queries from a median 207 to 1,275 active
     terms (documents 45 to 119); with the bias calibrated on queries too, from 15 to 172. That
     edge is where the first contrastive steps blow query vectors up.
+    A ``lexical_docs`` encoder's documents use no head: it is calibrated on `queries` alone.
     Texts with no pooled token are ignored. Returns the bias.
     """
     if not 0 < doc_fraction < 1:
         raise ValueError(f"doc_fraction must be in (0, 1), got {doc_fraction}")
-    quantile, n_docs = _quantile(encoder, texts, "doc", doc_fraction, batch_size)
-    what = f"{n_docs} texts"
-    if queries is not None:
+    if getattr(encoder.config, "lexical_docs", False):  # documents use no head: queries alone
+        if queries is None:
+            raise ValueError(
+                "a lexical_docs encoder's documents use no head: calibrate on queries (queries=...)"
+            )
+        quantile, n_queries = _quantile(encoder, queries, "query", doc_fraction, batch_size)
+        what = f"{n_queries} queries (its documents use no head)"
+    else:
+        quantile, n_docs = _quantile(encoder, texts, "doc", doc_fraction, batch_size)
+        what = f"{n_docs} texts"
+    if queries is not None and not getattr(encoder.config, "lexical_docs", False):
         query_quantile, n_queries = _quantile(encoder, queries, "query", doc_fraction, batch_size)
         quantile = torch.maximum(quantile, query_quantile)
         what = f"{n_docs} texts and {n_queries} queries"

@@ -172,6 +172,9 @@ def _model_rows(folder: Path, config: dict, backbone: dict) -> list[tuple[str, s
         scale = config.get("lexical_scale", 1.0)
         rows.append(("lexical residual", f"BM25 over the text's own tokens, scale {scale} per side "
                      "(IDF and lengths of the training documents)"))  # fmt: skip
+        if config.get("lexical_docs"):
+            rows.append(("lexical documents", "a document's vector is its residual alone (no "
+                         "forward pass); the queries carry the learned terms"))  # fmt: skip
     if config.get("adapter"):
         rows.append(("weights", "a LoRA adapter: loading it also loads the base model"))
     quant = (config.get("extra") or {}).get("quantization")

@@ -28,6 +28,8 @@ ADDED_SETTINGS = {
     "pool_next_token": False,
     "lexical_residual": False,
     "lexical_scale": 1.0,
+    "lexical_docs": False,
+    "learned_top_k": None,
 }
 
 CONFIG_NAME = "csplade_config.json"
@@ -95,6 +97,23 @@ class EncoderSettings:
             "help": "weight of the lexical residual on each side (its score: scale ** 2 * BM25)"
         },
     )
+    learned_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "keep each text's k largest learned terms, in training and encoding, before "
+            "any lexical residual is added: a cap that holds out of domain, where a head bias "
+            "calibrated on the training texts lets long or unfamiliar queries fire thousands of "
+            "terms; None: no cap"
+        },
+    )
+    lexical_docs: bool = field(
+        default=False,
+        metadata={
+            "help": "with lexical_residual, a document's vector is its residual alone (BM25's "
+            "saturated tf on its tokens, no forward pass): the learned terms are the queries'. "
+            "Indexing needs no accelerator, and doc_max_length can cover whole documents"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_choice("variant", self.variant, VARIANTS)
@@ -107,6 +126,16 @@ class EncoderSettings:
             raise ValueError(
                 "lexical_residual and doc_only exclude each other: inference-free queries are "
                 "already their tokens at IDF"
+            )
+        if self.learned_top_k is not None and not (
+            isinstance(self.learned_top_k, int) and self.learned_top_k > 0
+        ):
+            raise ValueError(
+                f"learned_top_k must be a positive integer, got {self.learned_top_k!r}"
+            )
+        if self.lexical_docs and not self.lexical_residual:
+            raise ValueError(
+                "lexical_docs needs lexical_residual: a document's vector is its lexical residual"
             )
         for name in ("query_max_length", "doc_max_length"):
             value = getattr(self, name)

@@ -16,6 +16,12 @@ The head is computed by :func:`csplade.model.head.sparse_pool`, chunked over the
 Inference-free models (``doc_only=True``, arXiv 2411.04403): the query side does no forward pass; a query's
 vector holds, for each distinct token of the query, a stored per-token weight (IDF by default; 1 if none).
 
+Lexical documents (``lexical_residual`` with ``lexical_docs``): the mirror image. A document's vector is
+its lexical residual alone (BM25 on its tokens, :mod:`csplade.model.lexical`) and no forward pass runs
+for documents, in training or encoding; the queries carry the learned terms (their own tokens' weights
+and expansion) on top of their IDF residual. The index is BM25 on the model's tokens, built without an
+accelerator and over whole documents.
+
 Known limits: the fused head needs a plain floating-point LM-head weight (a quantized head falls back to
 calling the module, with a warning once, chunked over positions when no gradient is needed). Sharded
 weights (DeepSpeed ZeRO-3, FSDP2) are gathered by the engines themselves: see
@@ -249,7 +255,9 @@ class SparseEncoder(nn.Module):
                 else:
                     q_reps = self._encode_batch(**query)
             if doc is not None:
-                d_reps = self._encode_batch(**doc)
+                d_reps = self._lexical_batch(**doc) if self.config.lexical_docs else None
+                if d_reps is None:
+                    d_reps = self._encode_batch(**doc)
             return q_reps, d_reps
         if input_ids is None or attention_mask is None:
             raise ValueError("forward needs input_ids and attention_mask (or query=/doc= batches)")
@@ -264,6 +272,8 @@ class SparseEncoder(nn.Module):
         **_: Any,
     ) -> torch.Tensor:
         reps = self._learned_terms(input_ids, attention_mask, pool_mask)
+        if self.config.learned_top_k is not None:
+            reps = keep_top_k(reps, self.config.learned_top_k)
         if lexical is None:
             if self.config.lexical_residual:
                 raise ValueError(
@@ -273,6 +283,18 @@ class SparseEncoder(nn.Module):
                 )
             return reps
         return reps + lexical_mod.residual(input_ids.to(reps.device), lexical, reps.shape[1])
+
+    def _lexical_batch(
+        self, input_ids: torch.Tensor, lexical: torch.Tensor | None = None, **_: Any
+    ) -> torch.Tensor:
+        """(B, V) float32: a tokenized batch's lexical residual alone (``lexical_docs`` documents)."""
+        if lexical is None:
+            raise ValueError(
+                "lexical_docs: the batch has no 'lexical' weights: tokenize() adds them once the "
+                "encoder has lexical weights (csplade train computes them from its training documents)"
+            )
+        device = self.device
+        return lexical_mod.residual(input_ids.to(device), lexical.to(device), self.vocab_size)
 
     def _learned_terms(
         self,
@@ -417,7 +439,10 @@ class SparseEncoder(nn.Module):
                     batch = self.tokenize([texts[i] for i in idx], kind=kind)
                     n_truncated += int(batch.pop("n_truncated"))
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    reps = self(**batch)  # (b, V) float32
+                    if kind == "doc" and self.config.lexical_docs:  # no forward pass
+                        reps = self._lexical_batch(**batch)
+                    else:
+                        reps = self(**batch)  # (b, V) float32
                     blocks.append(_to_csr(_prune(reps, top_k, threshold)))
                     bar.update(len(idx))
         finally:
@@ -574,10 +599,18 @@ class SparseEncoder(nn.Module):
 def _prune(reps: torch.Tensor, top_k: int | None, threshold: float | None) -> torch.Tensor:
     if threshold is not None:
         reps = torch.where(reps >= threshold, reps, torch.zeros_like(reps))
-    if top_k is not None and top_k < reps.shape[-1]:
-        values, indices = reps.topk(top_k, dim=-1)
-        reps = torch.zeros_like(reps).scatter_(-1, indices, values)
+    if top_k is not None:
+        reps = keep_top_k(reps, top_k)
     return reps
+
+
+def keep_top_k(reps: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, V) `reps` with each row's `k` largest values kept and the rest zeroed (differentiable
+    through the kept ones)."""
+    if k >= reps.shape[1]:
+        return reps
+    values, ids = reps.topk(k, dim=1)
+    return torch.zeros_like(reps).scatter(1, ids, values)
 
 
 def _to_csr(reps: torch.Tensor) -> sp.csr_matrix:

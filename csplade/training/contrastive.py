@@ -143,7 +143,7 @@ class SparseTrainer(CheckpointingTrainer):
         if sa.query_regularizer != "none" and not encoder.config.doc_only:
             parts["reg_q"] = losses.regularize(q_learned, sa.query_regularizer)
             weights["reg_q"] = lambda_q
-        if sa.doc_regularizer != "none":
+        if sa.doc_regularizer != "none" and not encoder.config.lexical_docs:
             idf = self.idf.to(d_reps.device) if sa.doc_regularizer == "idf_flops" else None
             parts["reg_d"] = losses.regularize(d_learned, sa.doc_regularizer, idf=idf)
             weights["reg_d"] = lambda_d
@@ -166,7 +166,8 @@ class SparseTrainer(CheckpointingTrainer):
                 self.record("d_nnz", (d_reps > 0).sum(dim=1).float().mean())
                 if encoder.config.lexical_residual:  # the learned terms among them
                     self.record("q_learned_nnz", (q_learned > 0).sum(dim=1).float().mean())
-                    self.record("d_learned_nnz", (d_learned > 0).sum(dim=1).float().mean())
+                    if not encoder.config.lexical_docs:  # theirs are none
+                        self.record("d_learned_nnz", (d_learned > 0).sum(dim=1).float().mean())
                 # score scale: what InfoNCE's softmax sees (in hundreds, it saturates)
                 scores = q_reps.float() @ d_reps.float().T  # (B, B*n)
                 positives = scores[
@@ -256,7 +257,8 @@ def calibrate_on_training_docs(
     A model ZeRO-3 partitioned at load time is held whole for the pass (before the engine exists).
     """
     texts = calibration_documents(dataset, n)
-    query_list = query_texts(dataset, n) if queries else None
+    lexical_docs = encoder.config.lexical_docs  # its documents use no head: queries alone
+    query_list = query_texts(dataset, n) if queries or lexical_docs else None
     with gathered(encoder):
         encoder.calibrate_head_bias(texts, doc_fraction=doc_fraction, queries=query_list)
 
