@@ -10,10 +10,12 @@ Stages, each cached in ``--out`` (a rerun resumes where the last one stopped):
    + splade-tiny, per-query z-scores summed; `csplade teacher-scores`) for the ``distill`` arms;
 2. per variant: the adaptation phase (`recipes/smollm2-135m/adapt-VARIANT.yaml`: CLM or MNTP + L_ReLU);
 3. per variant x loss: LoRA contrastive training (`train-VARIANT.yaml`, ``distill`` adds KL to the
-   teacher ensemble), a checkpoint at every step of ``--steps``;
+   teacher ensemble, ``lexdocs`` is `lexdocs-VARIANT.yaml`: learned queries over lexical documents),
+   a checkpoint at every step of ``--steps``;
 4. evaluation with `csplade eval`'s library (exact search, pytrec_eval) of BM25, splade-tiny and every
    checkpoint (step 0: the adapted model) on whole collections (test split, no slice), documents cut
-   at ``--doc-max-length`` tokens for the models and whole for BM25; intermediate steps on
+   at ``--doc-max-length`` tokens for the models (``lexdocs``: their recipe's length, whole documents,
+   since they run no forward pass) and whole for BM25; intermediate steps on
    ``--curve-datasets`` only, the last step on every data set;
 5. ``OUT/table.md`` (nDCG@10 per data set, ratio to BM25, wall time) and ``OUT/learning_curves.png``.
 
@@ -47,7 +49,8 @@ from csplade.training.recipe import ADAPT_TYPES, parse_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "smollm2-135m"
-LOSSES = ("infonce", "distill")
+LOSSES = ("infonce", "distill", "lexdocs")
+RECIPE_OF = {"infonce": "train", "distill": "distill", "lexdocs": "lexdocs"}
 TEACHERS = ["minilm-dense", "splade-tiny"]
 logger = logging.getLogger("csplade.study")
 
@@ -119,7 +122,9 @@ def train(args, variant: str, loss: str, model: Path, groups: Path, out: Path) -
     steps = sorted(s for s in args.steps if s > 0)
     if not steps:
         return folder
-    recipe = RECIPES / f"{'distill' if loss == 'distill' else 'train'}-{variant}.yaml"
+    recipe = RECIPES / f"{RECIPE_OF[loss]}-{variant}.yaml"
+    if not recipe.exists():
+        raise FileNotFoundError(f"{recipe}: no {loss!r} recipe for the {variant!r} variant")
     overrides = ["--model_name_or_path", str(model), "--train_data", str(groups),
                  "--output_dir", str(folder), "--model_dtype", args.dtype,
                  "--max_steps", str(steps[-1]), "--save_steps", str(min(steps)),
@@ -162,11 +167,13 @@ def evaluate_all(args, out: Path, rows) -> dict:
     overrides = {"doc_max_length": args.doc_max_length}
     evaluate([SystemSpec("bm25", None), SystemSpec("splade-tiny", "splade-tiny")], args.datasets,
              eval_dir, batch_size=args.eval_batch_size, latency_queries=0)  # fmt: skip
-    for name, _arm, step, folder in rows:
+    for name, arm, step, folder in rows:
         datasets = args.datasets if step == last else args.curve_datasets
+        # lexical documents run no forward pass: they keep the recipe's (whole-document) length
+        arm_overrides = {} if arm.endswith("-lexdocs") else overrides
         evaluate([SystemSpec(name, str(folder))], datasets, eval_dir, dtype=args.dtype,
                  batch_size=args.eval_batch_size, latency_queries=0,
-                 encoder_overrides=overrides)  # fmt: skip
+                 encoder_overrides=arm_overrides)  # fmt: skip
     return json.loads((eval_dir / "metrics.json").read_text())
 
 

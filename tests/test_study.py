@@ -51,3 +51,25 @@ def test_groups_of_two_data_sets_leave_out_queries_without_a_bm25_negative(tmp_p
     assert study._training_data(args, out) == (
         "first 1 + second 1 groups (BM25 negatives), 2 in all"
     )
+
+
+def test_each_loss_has_its_recipe_and_lexdocs_keeps_its_document_length(tmp_path, monkeypatch):
+    """Every arm's recipe exists for `bi`; a `lexdocs` checkpoint is evaluated at its own (whole-
+    document) length, the others at --doc-max-length."""
+    study = _study()
+    for loss in study.LOSSES:
+        assert (study.RECIPES / f"{study.RECIPE_OF[loss]}-bi.yaml").exists()
+    calls = []
+
+    def fake_evaluate(systems, datasets, out, **kwargs):
+        calls.append((systems[0].name, kwargs.get("encoder_overrides")))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text("{}")
+
+    monkeypatch.setattr(study, "evaluate", fake_evaluate)
+    args = argparse.Namespace(steps=[0, 50], datasets=["adi"], curve_datasets=["adi"],
+                              doc_max_length=256, dtype="float32", eval_batch_size=4)  # fmt: skip
+    rows = [("bi-infonce-step50", "bi-infonce", 50, tmp_path / "a"),
+            ("bi-lexdocs-step50", "bi-lexdocs", 50, tmp_path / "b")]  # fmt: skip
+    study.evaluate_all(args, tmp_path / "study", rows)
+    assert calls[1:] == [("bi-infonce-step50", {"doc_max_length": 256}), ("bi-lexdocs-step50", {})]
