@@ -587,3 +587,19 @@ def test_the_planned_head_is_the_head_the_encoder_runs(tmp_path, setting):
     batch.pop("n_truncated")
     encoder(**batch).sum().backward()
     assert dict(encoder.head_calls) == {planned: 1}
+
+
+def test_lexical_documents_cost_no_backbone_call():
+    """`lexical_docs`: a training step runs the backbone on its queries only."""
+    from csplade.plan.sizes import backbone_calls
+
+    both = backbone_calls(LLAMA_8B, _workload(use_lora=True))
+    lexical = backbone_calls(
+        LLAMA_8B, _workload(use_lora=True, lexical_residual=True, lexical_docs=True)
+    )
+    assert len(both) == 2 and lexical == both[:1]
+    memory = estimate(LLAMA_8B, _workload(use_lora=True), Cluster())
+    less = estimate(
+        LLAMA_8B, _workload(use_lora=True, lexical_residual=True, lexical_docs=True), Cluster()
+    )
+    assert _parts(less)["activations"] < _parts(memory)["activations"]

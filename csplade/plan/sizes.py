@@ -100,7 +100,7 @@ def parameter_counts(arch: Architecture, model: ModelArguments) -> Counts:
 
 
 def seq_lengths(arch: Architecture, workload: Workload) -> tuple[int, int]:
-    """Tokens of one query and one document sequence as the backbone sees them."""
+    """Tokens of one query and one document sequence as the backbone sees them (0: no forward)."""
     model = workload.model
     copies = 2 if model.variant == "echo" else 1
 
@@ -108,7 +108,8 @@ def seq_lengths(arch: Architecture, workload: Workload) -> tuple[int, int]:
         return arch.specials + copies * (max_len + math.ceil(len(prefix) / 4))
 
     query = 0 if model.doc_only else length(model.query_max_length, model.query_prefix)
-    return query, length(model.doc_max_length, model.doc_prefix)
+    lexical_docs = getattr(model, "lexical_docs", False)  # documents run no forward pass
+    return query, 0 if lexical_docs else length(model.doc_max_length, model.doc_prefix)
 
 
 def backbone_calls(arch: Architecture, workload: Workload) -> list[tuple[int, int]]:
