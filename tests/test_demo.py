@@ -16,14 +16,14 @@ import pytest
 from tiny import tiny_model, tiny_tokenizer
 
 from csplade.cli.demo import summary_table
-from csplade.demo import DEMO, _training_recalibrates, find_scifact, run_demo
+from csplade.demo import DEMO, _training_recalibrates, find_scifact, for_variant, run_demo
 
 
 def _tiny_settings(variant: str):
+    settings = for_variant(variant)
     return dataclasses.replace(
-        DEMO,
+        settings,
         name="tiny",
-        variant=variant,
         model_dtype="float32",
         adapt={
             **DEMO.adapt,
@@ -32,7 +32,8 @@ def _tiny_settings(variant: str):
             "lora_last_layers": 1,
         },
         train={
-            **DEMO.train,
+            **settings.train,
+            "group_size": 2,
             "max_steps": 3,
             "per_device_train_batch_size": 4,
             "lora_last_layers": 1,
@@ -51,9 +52,12 @@ def backbone(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("variant", ["echo", "bi"])
-def test_demo_runs_end_to_end_and_caches_its_stages(backbone, adi, tmp_path, variant):
+@pytest.mark.parametrize(("variant", "recipe"), [("echo", "train"), ("bi", "lexdocs")])
+def test_demo_runs_end_to_end_and_caches_its_stages(backbone, adi, tmp_path, variant, recipe):
+    """`bi` runs the demo's recipe (learned queries over lexical documents); `echo` has none of that
+    kind and runs the recipe that learns both sides."""
     settings = _tiny_settings(variant)
+    assert settings.recipe == recipe
     out = tmp_path / "demo"
     written = run_demo(out, settings=settings, data=adi, backbone=backbone, train_split="test")
 
@@ -67,9 +71,12 @@ def test_demo_runs_end_to_end_and_caches_its_stages(backbone, adi, tmp_path, var
     adapted_bias = (out / f"adapt-{variant}" / "head_bias.safetensors").exists()
     assert adapted_bias is not recalibrates
     assert (out / f"train-{variant}" / "head_bias.safetensors").exists()
-    # train-bi.yaml adds the lexical residual: the demo's trained model carries its training IDF
+    # lexdocs-bi.yaml adds the lexical residual: the demo's trained model carries its training IDF,
+    # and its documents are that residual alone
     lexical = (out / f"train-{variant}" / "lexical_weights.safetensors").exists()
     assert lexical is (variant == "bi")
+    config = json.loads((out / f"train-{variant}" / "csplade_config.json").read_text())
+    assert config.get("lexical_docs", False) is (recipe == "lexdocs")
     metrics = json.loads((written["table"].parent / "metrics.json").read_text())
     systems = [f"tiny-{variant}-untrained", f"tiny-{variant}-trained", "bm25"]
     assert list(metrics) == systems

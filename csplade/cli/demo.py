@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from csplade.demo import DEMO, run_demo
+from csplade.demo import DEMO, for_variant, run_demo
 from csplade.model.config import VARIANTS
 
 
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = dataclasses.replace(DEMO, variant=args.variant) if args.variant else DEMO
+    settings = for_variant(args.variant) if args.variant else DEMO
     if args.compare_untrained:
         settings = dataclasses.replace(settings, compare_untrained=True)
     written = run_demo(args.out, full=args.full, settings=settings)
