@@ -143,13 +143,28 @@ def test_training_computes_the_weights_from_its_documents(tmp_path):
     assert (d_res > 0).sum() > 0
 
 
+def _one_step_with_residual(tmp_path, *extra: str):
+    """One full-weight training step with the lexical residual and FLOPS on both sides (from the
+    first step), on 8 synthetic groups; `extra` adds recipe overrides. Returns (base, output)."""
+    from csplade.training.contrastive import run_training
+    from csplade.training.recipe import parse_recipe
+
+    groups = write_groups(tmp_path / "groups.jsonl", n=8)
+    base = save_base(tmp_path / "base")
+    args = ["--model_name_or_path", str(base), "--train_data", str(groups),
+            "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4",
+            "--max_steps", "1", "--use_cpu", "true", "--use_lora", "false",
+            "--lexical_residual", "true", "--lambda_q", "1e-3", "--lambda_d", "1e-3",
+            "--reg_warmup_steps", "0", *extra]  # fmt: skip
+    return base, run_training(*parse_recipe(None, args))
+
+
 def test_training_regularizes_the_learned_terms_only(tmp_path, monkeypatch):
     """FLOPS in training sees the learned terms alone: what it is given equals the same model's
     vectors with the residual off, on the same batch (the residual is fixed BM25; counting it would
     press hardest on the learned weights of a text's own tokens)."""
     from csplade.training import losses
-    from csplade.training.contrastive import SparseTrainer, run_training
-    from csplade.training.recipe import parse_recipe
+    from csplade.training.contrastive import SparseTrainer
 
     seen = {}
     original_loss, original_reg = SparseTrainer.compute_loss, losses.regularize
@@ -164,14 +179,7 @@ def test_training_regularizes_the_learned_terms_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SparseTrainer, "compute_loss", capture_loss)
     monkeypatch.setattr(losses, "regularize", capture_reg)
-    groups = write_groups(tmp_path / "groups.jsonl", n=8)
-    base = save_base(tmp_path / "base")
-    args = ["--model_name_or_path", str(base), "--train_data", str(groups),
-            "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4",
-            "--group_size", "2", "--max_steps", "1", "--use_cpu", "true", "--use_lora", "false",
-            "--lexical_residual", "true", "--lambda_q", "1e-3", "--lambda_d", "1e-3",
-            "--reg_warmup_steps", "0"]  # fmt: skip
-    run_training(*parse_recipe(None, args))
+    base, _ = _one_step_with_residual(tmp_path, "--group_size", "2")
     q_reg, d_reg = seen["reps"][:2]
     reference = SparseEncoder.from_pretrained(base)  # the weights of the first step's forward
     reference.config = dataclasses.replace(reference.config, lexical_residual=False)
@@ -218,8 +226,7 @@ def test_training_with_lexical_docs_learns_the_queries_only(tmp_path, monkeypatc
     not asked for documents, the head bias is calibrated on queries alone, and the setting is saved."""
     from csplade.model import calibration
     from csplade.training import losses
-    from csplade.training.contrastive import SparseTrainer, run_training
-    from csplade.training.recipe import parse_recipe
+    from csplade.training.contrastive import SparseTrainer
 
     seen = {"kinds": [], "reg": 0}
     original_loss, original_reg = SparseTrainer.compute_loss, losses.regularize
@@ -242,14 +249,9 @@ def test_training_with_lexical_docs_learns_the_queries_only(tmp_path, monkeypatc
     monkeypatch.setattr(SparseTrainer, "compute_loss", capture_loss)
     monkeypatch.setattr(losses, "regularize", capture_reg)
     monkeypatch.setattr(calibration, "_quantile", capture_quantile)
-    groups = write_groups(tmp_path / "groups.jsonl", n=8)
-    base = save_base(tmp_path / "base")
-    args = ["--model_name_or_path", str(base), "--train_data", str(groups),
-            "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4",
-            "--group_size", "3", "--max_steps", "1", "--use_cpu", "true", "--use_lora", "false",
-            "--lexical_residual", "true", "--lexical_docs", "true", "--lambda_q", "1e-3",
-            "--lambda_d", "1e-3", "--reg_warmup_steps", "0", "--head_bias_df", "0.2"]  # fmt: skip
-    out = run_training(*parse_recipe(None, args))
+    _, out = _one_step_with_residual(
+        tmp_path, "--group_size", "3", "--lexical_docs", "true", "--head_bias_df", "0.2"
+    )
     batch = seen["doc"]
     want = lexical.residual(batch["input_ids"], batch["lexical"], seen["d_reps"].shape[1])
     torch.testing.assert_close(seen["d_reps"], want)

@@ -112,10 +112,12 @@ def calibrate_head_bias(
     else:
         quantile, n_docs = _quantile(encoder, texts, "doc", doc_fraction, batch_size)
         what = f"{n_docs} texts"
-    if queries is not None and not getattr(encoder.config, "lexical_docs", False):
-        query_quantile, n_queries = _quantile(encoder, queries, "query", doc_fraction, batch_size)
-        quantile = torch.maximum(quantile, query_quantile)
-        what = f"{n_docs} texts and {n_queries} queries"
+        if queries is not None:
+            query_quantile, n_queries = _quantile(
+                encoder, queries, "query", doc_fraction, batch_size
+            )
+            quantile = torch.maximum(quantile, query_quantile)
+            what = f"{n_docs} texts and {n_queries} queries"
     if encoder.head_bias is not None:
         logger.info("replacing the existing head bias")
     encoder.head_bias = nn.Parameter((-quantile).float().to(encoder.device))

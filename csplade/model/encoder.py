@@ -255,8 +255,9 @@ class SparseEncoder(nn.Module):
                 else:
                     q_reps = self._encode_batch(**query)
             if doc is not None:
-                d_reps = self._lexical_batch(**doc) if self.config.lexical_docs else None
-                if d_reps is None:
+                if self.config.lexical_docs:  # no forward pass
+                    d_reps = self._lexical_batch(**doc)
+                else:
                     d_reps = self._encode_batch(**doc)
             return q_reps, d_reps
         if input_ids is None or attention_mask is None:
@@ -439,10 +440,8 @@ class SparseEncoder(nn.Module):
                     batch = self.tokenize([texts[i] for i in idx], kind=kind)
                     n_truncated += int(batch.pop("n_truncated"))
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    if kind == "doc" and self.config.lexical_docs:  # no forward pass
-                        reps = self._lexical_batch(**batch)
-                    else:
-                        reps = self(**batch)  # (b, V) float32
+                    q_reps, d_reps = self(**{kind: batch})  # (b, V) float32, one of them
+                    reps = q_reps if kind == "query" else d_reps
                     blocks.append(_to_csr(_prune(reps, top_k, threshold)))
                     bar.update(len(idx))
         finally:

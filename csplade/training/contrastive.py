@@ -139,7 +139,8 @@ class SparseTrainer(CheckpointingTrainer):
         q_learned, d_learned = q_reps, d_reps
         if encoder.config.lexical_residual:  # the regularizers see the learned terms only
             q_learned = lexical.learned_part(q_reps, inputs["query"])
-            d_learned = lexical.learned_part(d_reps, inputs["doc"])
+            if not encoder.config.lexical_docs:  # lexical documents are their residual alone
+                d_learned = lexical.learned_part(d_reps, inputs["doc"])
         if sa.query_regularizer != "none" and not encoder.config.doc_only:
             parts["reg_q"] = losses.regularize(q_learned, sa.query_regularizer)
             weights["reg_q"] = lambda_q
@@ -256,8 +257,8 @@ def calibrate_on_training_docs(
 
     A model ZeRO-3 partitioned at load time is held whole for the pass (before the engine exists).
     """
-    texts = calibration_documents(dataset, n)
     lexical_docs = encoder.config.lexical_docs  # its documents use no head: queries alone
+    texts = [] if lexical_docs else calibration_documents(dataset, n)
     query_list = query_texts(dataset, n) if queries or lexical_docs else None
     with gathered(encoder):
         encoder.calibrate_head_bias(texts, doc_fraction=doc_fraction, queries=query_list)
