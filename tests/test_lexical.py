@@ -112,6 +112,11 @@ def test_without_weights_encoding_fails_clearly(tiny_encoder_factory):
         encoder.encode(["aa ab"], "doc", show_progress=False)
     with pytest.raises(ValueError, match="exclude each other"):
         tiny_encoder_factory(lexical_residual=True, doc_only=True)
+    lexical_docs = tiny_encoder_factory(lexical_residual=True, lexical_docs=True)
+    with pytest.raises(ValueError, match="no 'lexical' weights"):
+        lexical_docs.encode(["aa ab"], "doc", show_progress=False)
+    with pytest.raises(ValueError, match="documents use no head: calibrate on queries"):
+        lexical_docs.calibrate_head_bias(["aa ab ac"], doc_fraction=0.1)
 
 
 def test_training_computes_the_weights_from_its_documents(tmp_path):
