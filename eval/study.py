@@ -12,7 +12,8 @@ Stages, each cached in ``--out`` (a rerun resumes where the last one stopped):
 3. per variant x loss: LoRA contrastive training (`train-VARIANT.yaml`, ``distill`` adds KL to the
    teacher ensemble, ``lexdocs`` is `lexdocs-VARIANT.yaml`: learned queries over lexical documents),
    a checkpoint at every step of ``--steps``;
-4. evaluation with `csplade eval`'s library (exact search, pytrec_eval) of BM25, splade-tiny and every
+4. evaluation with `csplade eval`'s library (exact search, pytrec_eval) of BM25 (bm25s, without and
+   with stemming), splade-tiny and every
    checkpoint (step 0: the adapted model) on whole collections (test split, no slice), documents cut
    at ``--doc-max-length`` tokens for the models (``lexdocs``: their recipe's length, whole documents,
    since they run no forward pass) and whole for BM25; intermediate steps on
@@ -165,8 +166,9 @@ def evaluate_all(args, out: Path, rows) -> dict:
     eval_dir = out / "eval"
     last = max(args.steps)
     overrides = {"doc_max_length": args.doc_max_length}
-    evaluate([SystemSpec("bm25", None), SystemSpec("splade-tiny", "splade-tiny")], args.datasets,
-             eval_dir, batch_size=args.eval_batch_size, latency_queries=0)  # fmt: skip
+    baselines = [SystemSpec("bm25", None), SystemSpec("bm25-stem", None),
+                 SystemSpec("splade-tiny", "splade-tiny")]  # fmt: skip
+    evaluate(baselines, args.datasets, eval_dir, batch_size=args.eval_batch_size, latency_queries=0)
     for name, arm, step, folder in rows:
         datasets = args.datasets if step == last else args.curve_datasets
         # lexical documents run no forward pass: they keep the recipe's (whole-document) length
@@ -200,7 +202,9 @@ def report(args, out: Path, rows, metrics: dict) -> Path:
             return "–"
         return f"{value:.3f} ({value / bm25[dataset]['ndcg_cut_10']:.2f}x)"
 
-    for name in ("bm25", "splade-tiny"):
+    for name in ("bm25", "bm25-stem", "splade-tiny"):
+        if name not in metrics:  # a study evaluated before bm25-stem was a row
+            continue
         lines.append(
             f"| {name} | – | – | " + " | ".join(cell(name, d) for d in args.datasets) + " |"
         )
@@ -250,6 +254,9 @@ def _plot(args, out: Path, rows, metrics: dict) -> None:
             if points:
                 ax.plot(*zip(*sorted(points), strict=True), marker="o", label=arm)
         ax.axhline(metrics["bm25"][dataset]["ndcg_cut_10"], color="k", ls="--", label="BM25")
+        if dataset in metrics.get("bm25-stem", {}):
+            ax.axhline(metrics["bm25-stem"][dataset]["ndcg_cut_10"], color="k", ls=":",
+                       label="BM25, stemmed")  # fmt: skip
         ax.set_title(dataset)
         ax.set_xlabel("training steps")
     axes_list = list(getattr(axes, "flat", [axes]))

@@ -18,6 +18,7 @@ from csplade.data.beir import load_beir
 from csplade.evaluation.beir_eval import SystemSpec, evaluate, slice_data
 from csplade.evaluation.metrics import DEFAULT_METRICS
 from csplade.index import read_trec_run
+from csplade.index.bm25 import bm25_search
 from csplade.model import SparseEncoder, SparseEncoderConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +182,25 @@ def test_latency_zero_skips_timing_and_truncation_is_logged_once_per_call(adi, t
     assert (
         "query_p50_ms" not in efficiency["tiny"]["adi"] and "doc_nnz" in efficiency["tiny"]["adi"]
     )
+
+
+def test_stemmed_bm25_baseline_is_bm25s_with_snowball_stems(adi, tmp_path):
+    """`bm25-stem` is a second BM25 row: bm25s with PyStemmer's English stems, its own run file,
+    a ranking other than the unstemmed row's; an unknown baseline name fails before any work."""
+    assert SystemSpec.parse("bm25-stem") == SystemSpec("bm25-stem", None)
+    evaluate([SystemSpec.parse("bm25"), SystemSpec.parse("bm25-stem")], [str(adi)], tmp_path, k=100)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    data = load_beir(adi)
+    want = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=100, stemmer="english")
+    got = read_trec_run(tmp_path / "adi" / "bm25-stem.trec")
+    assert got.keys() == {q for q, hits in want.items() if hits}
+    for query, hits in got.items():  # the same documents and scores (a run file breaks ties by id)
+        assert hits.keys() == want[query].keys()
+        for doc, score in hits.items():
+            assert score == pytest.approx(want[query][doc], rel=1e-5)
+    assert got != read_trec_run(tmp_path / "adi" / "bm25.trec")
+    reference = pytrec(data.qrels, tmp_path / "adi" / "bm25-stem.trec")
+    for name, value in reference.items():
+        assert metrics["bm25-stem"]["adi"][name] == pytest.approx(value, abs=1e-9)
+    with pytest.raises(ValueError, match="unknown baseline 'bm25-porter'"):
+        evaluate([SystemSpec("bm25-porter", None)], [str(adi)], tmp_path / "other")

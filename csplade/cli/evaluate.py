@@ -28,7 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, help="output folder (runs, metrics.json, table.md, chart)"
     )
-    p.add_argument("--baseline", choices=["bm25"], action="append", default=[], help="add BM25")
+    p.add_argument(
+        "--baseline",
+        choices=["bm25", "bm25-stem"],
+        action="append",
+        default=[],
+        help="add BM25 (bm25s, no stemmer) or bm25-stem (Snowball English stems); repeatable",
+    )
     p.add_argument("--split", default="test", help="qrels split (default: test)")
     p.add_argument(
         "--max-docs", type=positive, default=None, help="evaluate on a corpus slice (smoke runs)"

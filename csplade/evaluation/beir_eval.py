@@ -56,18 +56,22 @@ logger = logging.getLogger(__name__)
 SETTINGS_FILE = "eval_settings.json"
 
 
+# BM25 baselines by name: bm25s's analyzer with no stemmer (the project's reference row), or stemmed
+BASELINES = {"bm25": None, "bm25-stem": "english"}
+
+
 @dataclass(frozen=True)
 class SystemSpec:
     """A system to evaluate: a name and a model (name or path), or the BM25 baseline."""
 
     name: str
-    model: str | None  # None: BM25
+    model: str | None  # None: BM25 (`bm25`, or `bm25-stem` with Snowball English stemming)
 
     @classmethod
     def parse(cls, value: str) -> SystemSpec:
-        """`NAME=MODEL` or just `MODEL` (named after its folder), or `bm25`."""
-        if value == "bm25":
-            return cls("bm25", None)
+        """`NAME=MODEL` or just `MODEL` (named after its folder), or a baseline: `bm25`, `bm25-stem`."""
+        if value in BASELINES:
+            return cls(value, None)
         if "=" in value:
             name, model = value.split("=", 1)
             if not name or not model:
@@ -283,17 +287,22 @@ def _load_settings(out: Path, settings: dict[str, Any]) -> tuple[dict, dict]:
 
 def _check_systems(systems: list[SystemSpec], datasets: list[str]) -> None:
     if not systems:
-        raise ValueError("nothing to evaluate: give at least one model or --baseline bm25")
+        raise ValueError("nothing to evaluate: give at least one model or a --baseline")
     if not datasets:
         raise ValueError("no data sets given")
     names = [s.name for s in systems]
     if len(set(names)) != len(names):
         raise ValueError(f"two systems share a name: {names} (use NAME=MODEL)")
+    for spec in systems:
+        if spec.model is None and spec.name not in BASELINES:
+            raise ValueError(
+                f"unknown baseline {spec.name!r}: one of {sorted(BASELINES)}, or give a model"
+            )
 
 
-def _evaluate_bm25(data: BeirData, out: Path, k: int) -> dict[str, float]:
-    run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=k)
-    write_trec_run(out / data.name / "bm25.trec", _ranked(run), tag="bm25")
+def _evaluate_bm25(data: BeirData, out: Path, k: int, name: str = "bm25") -> dict[str, float]:
+    run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=k, stemmer=BASELINES[name])
+    write_trec_run(out / data.name / f"{name}.trec", _ranked(run), tag=name)
     return evaluate_run(data.qrels, run, DEFAULT_METRICS).mean
 
 
@@ -350,7 +359,7 @@ def evaluate(
                         len(data.doc_ids), len(data.queries))  # fmt: skip
             eff: dict[str, float] = {}
             if encoder is None:
-                result = _evaluate_bm25(data, out, k)
+                result = _evaluate_bm25(data, out, k, spec.name)
             else:
                 result, eff, run = evaluate_system(
                     encoder, data, out, spec.name, options, slice_note=note
