@@ -105,7 +105,7 @@ def residual_run(encoder, data, batch_size: int = 256, k: int = 1000) -> dict:
         rows = []
         for start in tqdm(range(0, len(texts), batch_size), desc=f"{data.name} {kind} residual"):
             batch = encoder.tokenize(texts[start : start + batch_size], kind)
-            dense = lexical.residual(batch["input_ids"], batch["lexical"], encoder.vocab_size)
+            dense = lexical.batch_residual(batch, encoder.vocab_size)
             rows.append(sp.csr_matrix(dense.numpy()))
         return sp.vstack(rows, format="csr")
 
@@ -145,8 +145,7 @@ def residual_loss(
     for start in tqdm(starts, desc="residual loss", unit="batch"):
         batch = collate([dataset[i] for i in range(start, start + batch_size)])
         q, d = (
-            lexical.residual(batch[kind]["input_ids"], batch[kind]["lexical"], encoder.vocab_size)
-            for kind in ("query", "doc")
+            lexical.batch_residual(batch[kind], encoder.vocab_size) for kind in ("query", "doc")
         )
         loss = contrastive_loss(q, d, group_size, temperature=temperature, in_batch_negatives=True)
         values.append(float(loss))

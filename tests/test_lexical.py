@@ -119,9 +119,11 @@ def test_without_weights_encoding_fails_clearly(tiny_encoder_factory):
         lexical_docs.calibrate_head_bias(["aa ab ac"], doc_fraction=0.1)
 
 
-def test_training_computes_the_weights_from_its_documents(tmp_path):
+@pytest.mark.parametrize("analyzer", ["tokens", "words"])
+def test_training_computes_the_weights_from_its_documents(tmp_path, analyzer):
     """`lexical_residual: true` in a recipe: the run computes IDF and lengths from its training
-    documents (the groups' distinct texts) and saves them; the saved model encodes."""
+    documents (the groups' distinct texts, read by its `lexical_analyzer`) and saves them; the saved
+    model encodes."""
     from csplade.training.contrastive import run_training
     from csplade.training.recipe import parse_recipe
 
@@ -130,7 +132,8 @@ def test_training_computes_the_weights_from_its_documents(tmp_path):
     args = ["--model_name_or_path", str(base), "--train_data", str(groups),
             "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4",
             "--group_size", "2", "--max_steps", "2", "--use_cpu", "true",
-            "--lexical_residual", "true", "--lexical_scale", "0.5"]  # fmt: skip
+            "--lexical_residual", "true", "--lexical_scale", "0.5",
+            "--lexical_analyzer", analyzer]  # fmt: skip
     out = run_training(*parse_recipe(None, args))
     saved = lexical.load(out)
     texts = []
@@ -138,14 +141,100 @@ def test_training_computes_the_weights_from_its_documents(tmp_path):
         row = json.loads(line)
         texts += [t for t in (*row["positives"], *row["negatives"]) if t not in texts]
     trained = SparseEncoder.from_pretrained(out)
+    assert trained.config.lexical_analyzer == analyzer
+    model_tokens = trained.tokenizer(texts, add_special_tokens=False)["input_ids"]
     want = lexical.statistics(
-        trained.tokenizer(texts, add_special_tokens=False)["input_ids"], trained.vocab_size
+        lexical.analyzed_rows(trained.tokenizer, texts, analyzer), trained.vocab_size
     )
+    if analyzer == "words":  # the documents hold stopwords: the two analyses differ
+        assert not torch.equal(
+            want.lengths, lexical.statistics(model_tokens, trained.vocab_size).lengths
+        )
     assert saved.n_docs == len(texts)
     torch.testing.assert_close(saved.idf, want.idf)
     assert torch.equal(saved.lengths, want.lengths)
-    d_res, _ = _residual(trained, texts[:3], "doc")
+    batch = trained.tokenize(texts[:3], "doc")
+    assert ("lexical_ids" in batch) == (analyzer == "words")
+    d_res = trained.encode(texts[:3], "doc", show_progress=False).toarray()
     assert (d_res > 0).sum() > 0
+
+
+# Upper-case words the tiny tokenizer does not know (its words are lower-case), and stopwords
+WORD_QUERIES = ["AA Ab of ac", "AD the ae IS", "af ag AH ai", "aa zz"]
+CLEAN_QUERIES = ["aa ab ac", "ad ae", "af ag ah ai", "aa zz"]  # what bm25s's analyzer keeps
+
+
+@pytest.mark.parametrize("lexical_docs", [False, True])
+def test_word_analyzer_residual_is_bm25_on_the_words(tiny_encoder_factory, lexical_docs):
+    """lexical_analyzer 'words': the residual reads lower-cased words without English stopwords, as
+    the model tokenizes them: query . document residual == (k1 + 1) * bm25s over the documents'
+    words with their stopwords dropped, for upper-case queries that the model's own tokens (<unk>
+    here) would not match; the learned query terms stay the model's."""
+    docs = random_texts(40, min_words=3, max_words=30, seed=3)
+    assert any(" is " in f" {doc} " for doc in docs)  # stopwords the analysis must drop
+    encoder = tiny_encoder_factory(lexical_residual=True, lexical_analyzer="words", variant="bi",
+                                   query_prefix="query: ", lexical_docs=lexical_docs)  # fmt: skip
+    tok = encoder.tokenizer
+    encoder.lexical = lexical.statistics(lexical.analyzed_rows(tok, docs, "words"), len(tok))
+    assert lexical.analyzed_rows(tok, WORD_QUERIES, "words") == [
+        tok(q, add_special_tokens=False)["input_ids"] for q in CLEAN_QUERIES
+    ]
+    unk = tok.unk_token_id
+    assert unk in tok("AA Ab", add_special_tokens=False)["input_ids"]  # the model's tokens miss
+    queries = encoder.encode(WORD_QUERIES, "query", show_progress=False).toarray()
+    learned_only = dataclasses.replace(
+        encoder.config, lexical_residual=False, lexical_docs=False, lexical_analyzer="tokens"
+    )
+    encoder.config, saved = learned_only, encoder.config
+    try:
+        q_learned = encoder.encode(WORD_QUERIES, "query", show_progress=False).toarray()
+        d_learned = encoder.encode(docs, "doc", show_progress=False).toarray()
+    finally:
+        encoder.config = saved
+    assert np.abs(q_learned).sum() > 0
+    q_res = queries - q_learned
+    d_vectors = encoder.encode(docs, "doc", show_progress=False).toarray()
+    d_res = d_vectors if lexical_docs else d_vectors - d_learned
+
+    words = [[w for w in doc.split() if w not in {"an", "as", "at", "be", "by", "if", "in", "is",
+                                                  "it"}] for doc in docs]  # fmt: skip
+    retriever = bm25s.BM25(method="lucene", k1=lexical.K1, b=lexical.B)
+    retriever.index(words, show_progress=False)
+    for q, query in enumerate(CLEAN_QUERIES):
+        want = retriever.get_scores(query.split()) * (lexical.K1 + 1)
+        np.testing.assert_allclose(d_res @ q_res[q], want, rtol=1e-5, atol=1e-6)
+    assert (d_res @ q_res[0]).max() > 0
+
+
+def test_word_analyzers_on_a_real_tokenizer(prepared):
+    """On SmolLM2's cased BPE tokenizer: 'words' gives a text's first word the id it has inside a
+    text (with its leading space) and lower-cases it; 'stems' also stems; 'tokens' is the model's own
+    tokenization; a text of stopwords alone reads as nothing."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prepared("smollm2-135m"))
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    query = "Breast Cancer Cells Feed on Cholesterol"
+    document = "tumours of the breast feed on cholesterol"
+    assert lexical.analyzed_rows(tok, [query], "tokens") == [ids(query)]
+    (words,) = lexical.analyzed_rows(tok, [query], "words")
+    assert words == ids(" breast cancer cells feed cholesterol")
+    assert ids(query)[0] not in ids(document)  # "Breast" opening a text: not the document's id
+    assert words[0] in ids(document)
+    assert lexical.analyzed_rows(tok, ["The Studies of Breast-Cancer cells!", "of the", ""],
+                                 "stems") == [ids(" studi breast cancer cell"), [], []]  # fmt: skip
+    with pytest.raises(ValueError, match="lexical_analyzer must be one of"):
+        lexical.analyzed_rows(tok, [query], "porter")
+
+
+def test_lexical_analyzer_settings_fail_clearly(tiny_encoder_factory):
+    with pytest.raises(ValueError, match="lexical_analyzer 'words' needs lexical_residual"):
+        tiny_encoder_factory(lexical_analyzer="words")
+    with pytest.raises(ValueError, match="lexical_analyzer"):
+        tiny_encoder_factory(lexical_residual=True, lexical_analyzer="porter")
 
 
 def _one_step_with_residual(tmp_path, *extra: str):
@@ -164,10 +253,11 @@ def _one_step_with_residual(tmp_path, *extra: str):
     return base, run_training(*parse_recipe(None, args))
 
 
-def test_training_regularizes_the_learned_terms_only(tmp_path, monkeypatch):
+@pytest.mark.parametrize("analyzer", ["tokens", "words"])
+def test_training_regularizes_the_learned_terms_only(tmp_path, monkeypatch, analyzer):
     """FLOPS in training sees the learned terms alone: what it is given equals the same model's
     vectors with the residual off, on the same batch (the residual is fixed BM25; counting it would
-    press hardest on the learned weights of a text's own tokens)."""
+    press hardest on the learned weights of a text's own tokens), whichever tokens it reads."""
     from csplade.training import losses
     from csplade.training.contrastive import SparseTrainer
 
@@ -184,17 +274,20 @@ def test_training_regularizes_the_learned_terms_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SparseTrainer, "compute_loss", capture_loss)
     monkeypatch.setattr(losses, "regularize", capture_reg)
-    base, _ = _one_step_with_residual(tmp_path, "--group_size", "2")
+    base, _ = _one_step_with_residual(tmp_path, "--group_size", "2", "--lexical_analyzer", analyzer)
     q_reg, d_reg = seen["reps"][:2]
     reference = SparseEncoder.from_pretrained(base)  # the weights of the first step's forward
-    reference.config = dataclasses.replace(reference.config, lexical_residual=False)
+    reference.config = dataclasses.replace(
+        reference.config, lexical_residual=False, lexical_analyzer="tokens"
+    )
     reference.eval()
     with torch.no_grad():
         for batch, got in ((seen["inputs"]["query"], q_reg), (seen["inputs"]["doc"], d_reg)):
-            plain = {k: v for k, v in batch.items() if k != "lexical"}
+            assert ("lexical_ids" in batch) == (analyzer == "words")
+            plain = {k: v for k, v in batch.items() if k not in ("lexical", "lexical_ids")}
             want = reference(**plain)
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-            full = lexical.residual(batch["input_ids"], batch["lexical"], got.shape[1])
+            full = lexical.batch_residual(batch, got.shape[1])
             assert (full > 0).sum() > 0  # there was a residual to leave out
 
 

@@ -269,17 +269,27 @@ def query_length_spans(texts: list[str], seed: int = 0) -> list[str]:
 
 
 def document_token_rows(
-    encoder: Any, dataset: GroupDataset | StreamingGroupDataset, batch_size: int = 1024
+    encoder: Any,
+    dataset: GroupDataset | StreamingGroupDataset,
+    batch_size: int = 1024,
+    lexical: bool = False,
 ) -> Iterator[list[int]]:
-    """The token ids (no special tokens) of every distinct training document, with progress."""
+    """The token ids (no special tokens) of every distinct training document, with progress; with
+    `lexical`, the ids the encoder's lexical residual reads (its ``lexical_analyzer``)."""
+
+    def rows(texts: list[str]) -> list[list[int]]:
+        if lexical:
+            return encoder.lexical_rows(texts)
+        return encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
     batch: list[str] = []
     for text in tqdm(document_texts(dataset), desc="document frequencies", unit="doc"):
         batch.append(text)
         if len(batch) == batch_size:
-            yield from encoder.tokenizer(batch, add_special_tokens=False)["input_ids"]
+            yield from rows(batch)
             batch.clear()
     if batch:
-        yield from encoder.tokenizer(batch, add_special_tokens=False)["input_ids"]
+        yield from rows(batch)
 
 
 def corpus_idf(

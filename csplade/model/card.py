@@ -170,7 +170,11 @@ def _model_rows(folder: Path, config: dict, backbone: dict) -> list[tuple[str, s
         rows.append(("logit scale", str(config["logit_scale"])))
     if config.get("lexical_residual"):
         scale = config.get("lexical_scale", 1.0)
-        rows.append(("lexical residual", f"BM25 over the text's own tokens, scale {scale} per side "
+        tokens = {
+            "words": "the text's words (lower-cased, no stopwords) as the model tokenizes them",
+            "stems": "the text's word stems (lower-cased, no stopwords) as the model tokenizes them",
+        }.get(config.get("lexical_analyzer", "tokens"), "the text's own tokens")
+        rows.append(("lexical residual", f"BM25 over {tokens}, scale {scale} per side "
                      "(IDF and lengths of the training documents)"))  # fmt: skip
         if config.get("lexical_docs"):
             rows.append(("lexical documents", "a document's vector is its residual alone (no "

@@ -30,12 +30,14 @@ ADDED_SETTINGS = {
     "lexical_scale": 1.0,
     "lexical_docs": False,
     "learned_top_k": None,
+    "lexical_analyzer": "tokens",
 }
 
 CONFIG_NAME = "csplade_config.json"
 QUERY_WEIGHTS_NAME = "query_weights.safetensors"
 HEAD_BIAS_NAME = "head_bias.safetensors"
 LEXICAL_NAME = "lexical_weights.safetensors"
+LEXICAL_ANALYZERS = ("tokens", "words", "stems")
 
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...] | dict[str, Any]) -> None:
@@ -115,8 +117,18 @@ class EncoderSettings:
         },
     )
 
+    lexical_analyzer: str = field(
+        default="tokens",
+        metadata={
+            "help": "which tokens the lexical residual reads: 'tokens' (the model's own, cased), "
+            "'words' (bm25s's lower-cased words without English stopwords, each tokenized with its "
+            "leading space) or 'stems' (those words stemmed, Snowball English)"
+        },
+    )
+
     def __post_init__(self) -> None:
         check_choice("variant", self.variant, VARIANTS)
+        check_choice("lexical_analyzer", self.lexical_analyzer, LEXICAL_ANALYZERS)
         check_choice("pooling", self.pooling, POOLINGS)
         if not (isinstance(self.logit_scale, (int, float)) and self.logit_scale > 0):
             raise ValueError(f"logit_scale must be a number > 0, got {self.logit_scale!r}")
@@ -136,6 +148,11 @@ class EncoderSettings:
         if self.lexical_docs and not self.lexical_residual:
             raise ValueError(
                 "lexical_docs needs lexical_residual: a document's vector is its lexical residual"
+            )
+        if self.lexical_analyzer != "tokens" and not self.lexical_residual:
+            raise ValueError(
+                f"lexical_analyzer {self.lexical_analyzer!r} needs lexical_residual: it says which "
+                "tokens the residual reads"
             )
         for name in ("query_max_length", "doc_max_length"):
             value = getattr(self, name)

@@ -186,8 +186,12 @@ class SparseEncoder(nn.Module):
         if lexical_on:
             text_mask = batch.pop("text_mask")
             if self.lexical is not None:  # without them the forward fails (calibration needs none)
+                ids = batch["input_ids"]
+                if self.config.lexical_analyzer != "tokens":
+                    ids, text_mask = self._lexical_ids(texts, kind)
+                    batch["lexical_ids"] = ids
                 batch["lexical"] = lexical_mod.position_weights(
-                    batch["input_ids"],
+                    ids,
                     text_mask,
                     kind,
                     self.lexical,
@@ -195,6 +199,23 @@ class SparseEncoder(nn.Module):
                     self.config.doc_max_length,
                 )
         return batch
+
+    def lexical_rows(self, texts: Sequence[str]) -> list[list[int]]:
+        """The token ids the lexical residual reads for each of `texts`, untruncated."""
+        return lexical_mod.analyzed_rows(self.tokenizer, texts, self.config.lexical_analyzer)
+
+    def _lexical_ids(self, texts: Sequence[str], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L') ids of `texts` under a word analyzer, cut at the kind's max length and padded,
+        and the mask of the real ones."""
+        limit = inputs.max_length(self.config, kind)
+        rows = [row[:limit] for row in self.lexical_rows(texts)]
+        width = max([len(row) for row in rows] + [1])
+        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        return ids, mask
 
     # ------------------------------------------------------------------ forward
     def _hidden_states(
@@ -237,6 +258,7 @@ class SparseEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pool_mask: torch.Tensor | None = None,
         lexical: torch.Tensor | None = None,
+        lexical_ids: torch.Tensor | None = None,
         *,
         query: dict[str, torch.Tensor] | None = None,
         doc: dict[str, torch.Tensor] | None = None,
@@ -262,7 +284,7 @@ class SparseEncoder(nn.Module):
             return q_reps, d_reps
         if input_ids is None or attention_mask is None:
             raise ValueError("forward needs input_ids and attention_mask (or query=/doc= batches)")
-        return self._encode_batch(input_ids, attention_mask, pool_mask, lexical)
+        return self._encode_batch(input_ids, attention_mask, pool_mask, lexical, lexical_ids)
 
     def _encode_batch(
         self,
@@ -270,6 +292,7 @@ class SparseEncoder(nn.Module):
         attention_mask: torch.Tensor,
         pool_mask: torch.Tensor | None = None,
         lexical: torch.Tensor | None = None,
+        lexical_ids: torch.Tensor | None = None,
         **_: Any,
     ) -> torch.Tensor:
         reps = self._learned_terms(input_ids, attention_mask, pool_mask)
@@ -283,10 +306,15 @@ class SparseEncoder(nn.Module):
                     "training documents; or set encoder.lexical = csplade.model.lexical.statistics(...))"
                 )
             return reps
-        return reps + lexical_mod.residual(input_ids.to(reps.device), lexical, reps.shape[1])
+        ids = input_ids if lexical_ids is None else lexical_ids
+        return reps + lexical_mod.residual(ids.to(reps.device), lexical, reps.shape[1])
 
     def _lexical_batch(
-        self, input_ids: torch.Tensor, lexical: torch.Tensor | None = None, **_: Any
+        self,
+        input_ids: torch.Tensor,
+        lexical: torch.Tensor | None = None,
+        lexical_ids: torch.Tensor | None = None,
+        **_: Any,
     ) -> torch.Tensor:
         """(B, V) float32: a tokenized batch's lexical residual alone (``lexical_docs`` documents)."""
         if lexical is None:
@@ -295,7 +323,8 @@ class SparseEncoder(nn.Module):
                 "encoder has lexical weights (csplade train computes them from its training documents)"
             )
         device = self.device
-        return lexical_mod.residual(input_ids.to(device), lexical.to(device), self.vocab_size)
+        ids = input_ids if lexical_ids is None else lexical_ids
+        return lexical_mod.residual(ids.to(device), lexical.to(device), self.vocab_size)
 
     def _learned_terms(
         self,

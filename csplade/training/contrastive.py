@@ -198,10 +198,11 @@ def run_training(
     encoder = load_encoder_for_training(model_args)
     if model_args.lexical_residual and encoder.lexical is None:
         encoder.lexical = lexical.statistics(
-            document_token_rows(encoder, dataset), encoder.vocab_size
+            document_token_rows(encoder, dataset, lexical=True), encoder.vocab_size
         )
         logger.info(
-            "lexical residual: IDF over %d training documents, mean length %.1f tokens at %d",
+            "lexical residual (%s): IDF over %d training documents, mean length %.1f tokens at %d",
+            model_args.lexical_analyzer,
             encoder.lexical.n_docs,
             encoder.lexical.avgdl(model_args.doc_max_length),
             model_args.doc_max_length,
