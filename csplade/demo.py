@@ -300,6 +300,7 @@ def run_demo(
     systems = [
         SystemSpec(f"{settings.name}-{variant}-trained", str(train_dir)),
         SystemSpec("bm25", None),
+        SystemSpec("bm25-stem", None),  # the stronger lexical reference: stemmed words
     ]
     if settings.compare_untrained:
         systems.insert(0, SystemSpec(f"{settings.name}-{variant}-untrained", str(backbone)))

@@ -8,6 +8,8 @@
         --max-docs 400                                      # on the demo's slice
     python eval/token_idf.py --residual-of runs/my-model --residual-loss runs/groups.jsonl \
         --temperature 5                        # the training loss of its residual alone
+    python eval/token_idf.py --bm25-on stems --doc-max-length 2048 --datasets nfcorpus
+                                               # the residual's BM25 under an analyzer, own IDF
 
 A document's vector holds ``1 + log(tf)`` for each token of its first ``--doc-max-length`` tokens; a
 query's holds the collection's IDF (BM25's form, over the same truncated documents) for each of its
@@ -22,7 +24,10 @@ its tokens with its training documents' IDF and lengths, through the model's own
 row that says what its learned terms add; with ``--residual-loss GROUPS`` it reports instead the
 training loss (InfoNCE with in-batch negatives, csplade's own) of that residual alone on training
 groups read and sampled as training reads them, the level a run's logged loss must go below for its learned
-terms to have learned anything.
+terms to have learned anything. ``--bm25-on ANALYZER`` scores, with no model, BM25 as the residual
+computes it (k1 1.2, b 0.75) over each collection's own tokens read by a ``lexical_analyzer``
+(``tokens``, ``words``, ``stems``) with that collection's IDF and mean length: what a lexical-documents
+model's documents are, and the row that chose the analyzer.
 
 Written here rather than with a library: BM25 libraries (bm25s, Lucene) tokenize words, and this row
 is about the model's own vocabulary; the scoring is csplade's exact inverted index and pytrec_eval.
@@ -86,6 +91,37 @@ def token_idf_run(
         "input_ids"
     ]
     q = token_matrix(q_ids, vocab, lambda ids, tf: idf[ids])
+    return search(d, q, data.doc_ids, query_ids, k)
+
+
+def bm25_tokens_run(tokenizer, data, analyzer: str, doc_max_length: int, k: int = 1000) -> dict:
+    """{query id: {doc id: score}}: BM25 as the lexical residual scores it (query IDF . document
+    saturated tf, k1 1.2, b 0.75; ``(k1 + 1)`` times Lucene's BM25) over the collection's own token
+    ids read by `analyzer`, documents cut at `doc_max_length`, IDF and mean length of the collection."""
+    vocab = len(tokenizer)
+    docs = []
+    for start in tqdm(
+        range(0, len(data.doc_texts), 1024), desc=f"{data.name} {analyzer}", unit="batch"
+    ):
+        rows = lexical.analyzed_rows(tokenizer, data.doc_texts[start : start + 1024], analyzer)
+        docs += [row[:doc_max_length] for row in rows]
+    weights = lexical.statistics(docs, vocab)
+    avgdl = weights.avgdl(doc_max_length)
+    k1, b = lexical.K1, lexical.B
+    indptr, cols, vals = [0], [], []
+    for row in docs:
+        ids, tf = np.unique(np.asarray(row, dtype=np.int64), return_counts=True)
+        norm = k1 * (1.0 - b + b * len(row) / avgdl)
+        cols.append(ids)
+        vals.append((tf * (k1 + 1.0) / (tf + norm)).astype(np.float32))
+        indptr.append(indptr[-1] + len(ids))
+    d = sp.csr_matrix(
+        (np.concatenate(vals), np.concatenate(cols), np.asarray(indptr)), shape=(len(docs), vocab)
+    )
+    idf = weights.idf.numpy()
+    query_ids = list(data.queries)
+    q_rows = lexical.analyzed_rows(tokenizer, [data.queries[q] for q in query_ids], analyzer)
+    q = token_matrix(q_rows, vocab, lambda ids, tf: idf[ids])
     return search(d, q, data.doc_ids, query_ids, k)
 
 
@@ -207,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lowercase", action="store_true", help="lowercase the texts first (the reference only)"
     )
+    parser.add_argument(
+        "--bm25-on",
+        default=None,
+        choices=lexical.LEXICAL_ANALYZERS,
+        help="score the residual's BM25 over each collection's tokens read by this analyzer instead",
+    )
     parser.add_argument("--dtype", default="bfloat16", help="for --vectors-of")
     parser.add_argument("--out", default=None, help="also write the metrics here as JSON")
     args = parser.parse_args(argv)
@@ -251,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if residual is not None:
             run = residual_run(residual, data)
+        elif args.bm25_on:
+            run = bm25_tokens_run(tokenizer, data, args.bm25_on, args.doc_max_length)
         else:
             run = token_idf_run(tokenizer, data, args.doc_max_length, lowercase=args.lowercase)
         means = evaluate_run(data.qrels, run).mean

@@ -195,3 +195,33 @@ def test_residual_loss_bad_input_names_the_problem(tiny_encoder_factory, tmp_pat
         _module().residual_loss(encoder, str(groups), temperature=1.0, batch_size=4)
     with pytest.raises(ValueError, match="needs a model trained with lexical_residual"):
         _module().residual_loss(tiny_encoder_factory(), str(groups), temperature=1.0)
+
+
+@pytest.mark.parametrize("analyzer", ["tokens", "words"])
+def test_bm25_on_an_analyzer_is_bm25s_on_the_analyzed_ids(tmp_path, analyzer):
+    """`--bm25-on`: (k1 + 1) x Lucene BM25 (bm25s, the residual's k1 and b) over the token ids the
+    analyzer reads; 'words' lower-cases (the tiny tokenizer knows lower-case words only) and drops
+    stopwords ('an' in d4 shortens it), 'tokens' leaves cased words unknown."""
+    import bm25s
+
+    from csplade.model import lexical
+
+    upper = {d: (title, text.upper()) for d, (title, text) in DOCS.items()}
+    queries = {q: text.title() for q, text in QUERIES.items()}
+    data = load_beir(write_beir(tmp_path / "toy", upper, queries, QRELS, "test"), "test")
+    tok = tiny_tokenizer()
+    run = _module().bm25_tokens_run(tok, data, analyzer, doc_max_length=256)
+    rows = lexical.analyzed_rows(tok, data.doc_texts, analyzer)
+    if analyzer == "words":
+        assert rows == [tok(t.lower().replace(" an ", " "))["input_ids"] for _, t in DOCS.values()]
+    retriever = bm25s.BM25(method="lucene", k1=lexical.K1, b=lexical.B)
+    retriever.index([[str(t) for t in row] for row in rows], show_progress=False)
+    q_rows = lexical.analyzed_rows(tok, [queries[q] for q in queries], analyzer)
+    for q, row in zip(queries, q_rows, strict=True):
+        scores = retriever.get_scores([str(t) for t in set(row)]) * (lexical.K1 + 1)
+        want = {d: s for d, s in zip(data.doc_ids, scores, strict=True) if s > 0}
+        assert run[q] == pytest.approx(want, rel=1e-5), q
+    if analyzer == "words":  # 'Ad Af' finds the documents holding ad or af
+        assert run["q2"].keys() == {"d2", "d3"}
+    else:  # every cased word is <unk>: it matches every document
+        assert all(len(hits) == len(DOCS) for hits in run.values())
