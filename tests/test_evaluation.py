@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import time
 from pathlib import Path
@@ -257,8 +258,12 @@ def test_latency_percentiles():
 # ---------------------------------------------------------------- peak memory
 
 
-def _touch(n_bytes: int) -> np.ndarray:
-    return np.ones(n_bytes // 8)  # every page written, so resident
+def _touch(n_bytes: int) -> mmap.mmap:
+    """Fresh resident pages: an anonymous mapping, every page written. A heap allocation (np.ones)
+    may reuse pages glibc kept resident after an earlier test freed them, so the RSS would not grow."""
+    block = mmap.mmap(-1, n_bytes)
+    np.frombuffer(block, dtype=np.uint8)[:] = 1
+    return block
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")

@@ -163,8 +163,9 @@ def test_eval_entry_point_runs_csplade_eval(adi, model, tmp_path, capsys):
                        "--backend", "scipy", "--batch-size", "16"]) == 0  # fmt: skip
     assert "tiny nDCG@10" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"tiny", "bm25"}
-    assert len(read_trec_run(out / "adi" / "bm25.trec")) == 4  # --max-queries reached evaluate
+    assert set(metrics) == {"tiny", "bm25", "bm25-stem"}  # eval/beir.py adds both BM25 rows
+    for name in ("bm25", "bm25-stem"):  # --max-queries reached evaluate
+        assert len(read_trec_run(out / "adi" / f"{name}.trec")) == 4
 
 
 def test_latency_zero_skips_timing_and_truncation_is_logged_once_per_call(adi, tmp_path, caplog):
