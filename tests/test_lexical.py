@@ -380,3 +380,55 @@ def test_learned_top_k_caps_the_learned_terms_not_the_residual(tiny_encoder_fact
     np.testing.assert_allclose(got, want + residual, atol=1e-5)
     with pytest.raises(ValueError, match="learned_top_k must be a positive integer"):
         tiny_encoder_factory(learned_top_k=0)
+
+
+def test_eval_can_reestimate_the_lexical_statistics_on_each_corpus(tiny_encoder_factory, tmp_path):
+    """`csplade eval --lexical-stats collection`: a lexical-docs model's residual takes the IDF and
+    lengths of the corpus it indexes (its run equals the same model saved with that corpus's
+    statistics), not those saved with it (another run); the saved model is left as it was, and a
+    model without a residual is unaffected."""
+    from beir_folder import write_beir
+
+    from csplade.data.beir import load_beir
+    from csplade.evaluation.beir_eval import SystemSpec, evaluate
+    from csplade.index import read_trec_run
+
+    corpus = random_texts(60, min_words=3, max_words=30, seed=11)
+    queries = {f"q{i}": " ".join(corpus[i].split()[:3]) for i in range(12)}
+    folder = write_beir(tmp_path / "data", {f"d{i}": ("", t) for i, t in enumerate(corpus)},
+                        queries, [(f"q{i}", f"d{i}", 1) for i in range(12)], split="test")  # fmt: skip
+    doc_texts = load_beir(folder, split="test").doc_texts
+    encoder = tiny_encoder_factory(lexical_residual=True, lexical_docs=True, lexical_analyzer="words",
+                                   variant="bi", query_prefix="query: ")  # fmt: skip
+    training_docs = random_texts(200, min_words=3, max_words=8, seed=12)
+    encoder.lexical = lexical.statistics(encoder.lexical_rows(training_docs), encoder.vocab_size)
+    encoder.save_pretrained(tmp_path / "trained")
+    saved_idf = encoder.lexical.idf.clone()
+    before = encoder.fingerprint()
+    encoder.fit_lexical(doc_texts)
+    assert encoder.fingerprint() != before  # an index's identity follows the statistics
+    encoder.save_pretrained(tmp_path / "fitted")
+    tiny_encoder_factory().save_pretrained(tmp_path / "plain")
+
+    def run(name: str, model: str, stats: str) -> dict:
+        out = (
+            tmp_path / "out"
+        )  # one folder: an index cached under the saved statistics is not reused
+        evaluate([SystemSpec(name, str(tmp_path / model))], [str(folder)], out, k=20,
+                 latency_queries=0, lexical_stats=stats)  # fmt: skip
+        return read_trec_run(out / "data" / f"{name}.trec")
+
+    kept = run("trained", "trained", "model")
+    refit = run("trained", "trained", "collection")
+    fitted = run("fitted", "fitted", "model")
+    assert refit.keys() == fitted.keys() == set(queries)
+    for q in queries:
+        assert list(refit[q]) == list(fitted[q])
+        np.testing.assert_allclose(list(refit[q].values()), list(fitted[q].values()), rtol=1e-5)
+    assert any(list(refit[q].items())[:5] != list(kept[q].items())[:5] for q in queries)
+    assert torch.equal(lexical.load(tmp_path / "trained").idf, saved_idf)
+    assert run("plain-c", "plain", "collection") == run("plain-m", "plain", "model")
+    with pytest.raises(ValueError, match="lexical_stats must be one of"):
+        evaluate([], [str(folder)], tmp_path / "x", lexical_stats="corpus")
+    with pytest.raises(ValueError, match="no lexical residual"):
+        tiny_encoder_factory().fit_lexical(doc_texts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from csplade.cli.common import add_batch_size, add_device, add_dtype, non_negative, positive
-from csplade.evaluation.beir_eval import SystemSpec, evaluate
+from csplade.evaluation.beir_eval import LEXICAL_STATS, SystemSpec, evaluate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--backend", choices=["numba", "scipy"], default=None, help="exact search kernel"
     )
     add_dtype(p)
+    p.add_argument(
+        "--lexical-stats",
+        choices=LEXICAL_STATS,
+        default="model",
+        help="models with a lexical residual: IDF and document lengths saved with the model "
+        "(its training documents', default) or re-estimated on each corpus, as BM25 does",
+    )
     p.set_defaults(func=_run)
 
 
@@ -74,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         backend=args.backend,
         dtype=args.dtype,
+        lexical_stats=args.lexical_stats,
     )
     print(written["table"].read_text())
     for kind, path in written.items():

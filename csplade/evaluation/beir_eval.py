@@ -117,6 +117,9 @@ def slice_data(
     return replace(data, doc_ids=doc_ids, doc_texts=texts, queries=queries, qrels=qrels), note
 
 
+LEXICAL_STATS = ("model", "collection")
+
+
 def _index_dir(root: Path, system: str, describe: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(describe, sort_keys=True, default=str).encode()).hexdigest()
     return root / f"index-{system}-{digest[:10]}"
@@ -333,8 +336,16 @@ def evaluate(
     encoder_overrides: dict[str, Any] | None = None,
     backend: str | None = None,
     dtype: str | None = None,
+    lexical_stats: str = "model",
 ) -> dict[str, Path]:
-    """Evaluate every system on every data set; write runs, metrics.json, table.md and a chart."""
+    """Evaluate every system on every data set; write runs, metrics.json, table.md and a chart.
+
+    `lexical_stats`: for models with a lexical residual, "model" keeps the IDF and document lengths
+    saved with the model (its training documents'); "collection" re-estimates them on each data
+    set's corpus (:meth:`SparseEncoder.fit_lexical`), as BM25 does. Other systems are unaffected.
+    """
+    if lexical_stats not in LEXICAL_STATS:
+        raise ValueError(f"lexical_stats must be one of {LEXICAL_STATS}, got {lexical_stats!r}")
     _check_systems(systems, datasets)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,6 +372,9 @@ def evaluate(
             if encoder is None:
                 result = _evaluate_bm25(data, out, k, spec.name)
             else:
+                if lexical_stats == "collection" and encoder.config.lexical_residual:
+                    encoder.fit_lexical(data.doc_texts)
+                    note = "; ".join(filter(None, [note, "lexical IDF and lengths of this corpus"]))
                 result, eff, run = evaluate_system(
                     encoder, data, out, spec.name, options, slice_note=note
                 )

@@ -204,6 +204,20 @@ class SparseEncoder(nn.Module):
         """The token ids the lexical residual reads for each of `texts`, untruncated."""
         return lexical_mod.analyzed_rows(self.tokenizer, texts, self.config.lexical_analyzer)
 
+    def fit_lexical(self, texts: Sequence[str], batch_size: int = 1024) -> None:
+        """Re-estimate the lexical residual's IDF and document lengths on `texts`, the collection
+        about to be indexed, as BM25 does on the collection it searches (the weights saved with the
+        model are its training documents'). The fingerprint, hence an index's identity, changes."""
+        if not self.config.lexical_residual:
+            raise ValueError("fit_lexical: this encoder has no lexical residual (lexical_residual)")
+        rows = (
+            row
+            for lo in range(0, len(texts), batch_size)
+            for row in self.lexical_rows(texts[lo : lo + batch_size])
+        )
+        self.lexical = lexical_mod.statistics(rows, self.vocab_size)
+        self._fingerprint = None
+
     def _lexical_ids(self, texts: Sequence[str], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L') ids of `texts` under a word analyzer, cut at the kind's max length and padded,
         and the mask of the real ones."""
