@@ -11,7 +11,8 @@ A real pretrained causal LLM (SmolLM2-135M, from its PyPI package) becomes a spa
 5. training: LoRA contrastive training (InfoNCE over in-batch and BM25 negatives + FLOPS) with
    ``recipes/smollm2-135m/lexdocs-bi.yaml``: a document's vector is BM25 over its words' stems as the
    model tokenizes them (the lexical residual, :mod:`csplade.model.lexical`, ``lexical_analyzer:
-   stems``; no forward pass), a query's is its stems' tokens at IDF plus the learned terms the run trains (``recipe="train"``: both sides learned, `train-bi.yaml`);
+   stems``; no forward pass), a query's is its stems' tokens at IDF plus the learned terms the run
+   trains (``recipe="train"``: both sides learned, `train-bi.yaml`);
 6. evaluation: the trained model and BM25 on the same documents of SciFact's test split, with a table
    and a bar chart (``compare_untrained`` adds the backbone before any training).
 

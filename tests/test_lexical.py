@@ -411,9 +411,8 @@ def test_eval_can_reestimate_the_lexical_statistics_on_each_corpus(tiny_encoder_
     tiny_encoder_factory().save_pretrained(tmp_path / "plain")
 
     def run(name: str, model: str, stats: str) -> dict:
-        out = (
-            tmp_path / "out"
-        )  # one folder: an index cached under the saved statistics is not reused
+        # one folder: an index cached under the saved statistics must not be reused
+        out = tmp_path / "out"
         evaluate([SystemSpec(name, str(tmp_path / model))], [str(folder)], out, k=20,
                  latency_queries=0, lexical_stats=stats)  # fmt: skip
         return read_trec_run(out / "data" / f"{name}.trec")

@@ -58,6 +58,7 @@ SETTINGS_FILE = "eval_settings.json"
 
 # BM25 baselines by name: bm25s's analyzer with no stemmer (the project's reference row), or stemmed
 BASELINES = {"bm25": None, "bm25-stem": "english"}
+LEXICAL_STATS = ("model", "collection")  # where a lexical residual's IDF and lengths come from
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,6 @@ def slice_data(
         f"kept queries + docs drawn at random, seed {seed}), {len(queries)} of {len(data.queries)} queries"
     )
     return replace(data, doc_ids=doc_ids, doc_texts=texts, queries=queries, qrels=qrels), note
-
-
-LEXICAL_STATS = ("model", "collection")
 
 
 def _index_dir(root: Path, system: str, describe: dict[str, Any]) -> Path:

@@ -210,9 +210,10 @@ class SparseEncoder(nn.Module):
         model are its training documents'). The fingerprint, hence an index's identity, changes."""
         if not self.config.lexical_residual:
             raise ValueError("fit_lexical: this encoder has no lexical residual (lexical_residual)")
+        batches = range(0, len(texts), batch_size)
         rows = (
             row
-            for lo in range(0, len(texts), batch_size)
+            for lo in tqdm(batches, desc="lexical statistics", unit="batch", leave=False)
             for row in self.lexical_rows(texts[lo : lo + batch_size])
         )
         self.lexical = lexical_mod.statistics(rows, self.vocab_size)
