@@ -325,6 +325,11 @@ class AdaptationCollator:
     worker id); without, from the global torch RNG, which the Trainer seeds and restores on resume.
     `n_texts` / `n_full` count the texts seen and those that filled `max_length` (were cut, or
     exactly that long), in this process (not in dataloader workers).
+
+    With `lexical` (a :class:`csplade.data.lexical_targets.LexicalTargets`), the batch also holds the
+    lexical adaptation's document and query batches and targets; examples are then ``{"text",
+    "query"}`` (a sentence of the text). `language_model` False leaves the LM batch out (an adaptation
+    with the lexical objective alone).
     """
 
     tokenizer: Any
@@ -333,6 +338,8 @@ class AdaptationCollator:
     mask_ratio: float = 0.2
     mask_token_id: int | None = None
     seed: int | None = None
+    lexical: Any = None
+    language_model: bool = True
     n_texts: int = field(default=0, init=False)
     n_full: int = field(default=0, init=False)
     _generator: torch.Generator | None = field(default=None, init=False, repr=False)
@@ -365,13 +372,25 @@ class AdaptationCollator:
             )
         return self._generator
 
-    def __call__(self, examples: Sequence[Any]) -> dict[str, Tensor]:
+    def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
         texts = []
         for i, example in enumerate(examples):
             text = example["text"] if isinstance(example, dict) else example
             if not isinstance(text, str):
                 raise TypeError(f"example {i}: expected a str text, got {type(text).__name__}")
             texts.append(text)
+        batch: dict[str, Any] = self._language_model_batch(texts) if self.language_model else {}
+        if self.lexical is not None:
+            queries = []
+            for i, example in enumerate(examples):
+                query = example.get("query") if isinstance(example, dict) else None
+                if not isinstance(query, str):
+                    raise TypeError(f"example {i}: the lexical objective needs a str 'query'")
+                queries.append(query)
+            batch.update(self.lexical(texts, queries))
+        return batch
+
+    def _language_model_batch(self, texts: list[str]) -> dict[str, Tensor]:
         encoded = self.tokenizer(
             texts, add_special_tokens=True, truncation=True, max_length=self.max_length
         )["input_ids"]

@@ -49,7 +49,7 @@ from csplade.model import lexical as lexical_mod
 from csplade.model.backbones import detect_kind
 from csplade.model.bidirectional import make_bidirectional
 from csplade.model.config import ADDED_SETTINGS, SparseEncoderConfig
-from csplade.model.head import sparse_pool
+from csplade.model.head import max_pooled_logits, sparse_pool
 from csplade.model.output_head import (
     HeadCall,
     head_parameters,
@@ -341,13 +341,32 @@ class SparseEncoder(nn.Module):
         ids = input_ids if lexical_ids is None else lexical_ids
         return lexical_mod.residual(ids.to(device), lexical.to(device), self.vocab_size)
 
+    def pooled_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pool_mask: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        """(B, V) float32: the max over pooled positions of the head's logits, before log(1 + ReLU)
+        (head bias, logit scale and soft-capping included; no lexical residual). The learned terms
+        are their activation. Max pooling and a plain LM head only: what an objective needs to move
+        terms that are off (their activation, zero, has no gradient)."""
+        if self.config.pooling != "max":
+            raise ValueError(
+                f"pooled_logits needs max pooling, the encoder pools {self.config.pooling!r}"
+            )
+        return self._learned_terms(input_ids, attention_mask, pool_mask, raw=True)
+
     def _learned_terms(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pool_mask: torch.Tensor | None,
+        raw: bool = False,
     ) -> torch.Tensor:
-        """The head's activated, pooled logits (B, V) float32 (without any lexical residual)."""
+        """The head's activated, pooled logits (B, V) float32 (without any lexical residual); with
+        `raw`, the max-pooled logits before the activation (:meth:`pooled_logits`)."""
         if pool_mask is None:
             pool_mask = attention_mask.bool()
         hidden, out_emb = self._hidden_states(input_ids, attention_mask)  # (B, L, H)
@@ -355,12 +374,16 @@ class SparseEncoder(nn.Module):
         softcap = softcap_of(self.base_model)
         params = head_parameters(out_emb)
         if params is None:
+            if raw:
+                raise ValueError(
+                    "pooled_logits needs a plain LM-head weight (not a quantized head)"
+                )
             self._count_head("module", naive_reason(out_emb))
             return self._module_head(hidden, out_emb, pool_mask, softcap)
         if any(is_partitioned(p) for p in params):  # ZeRO-3: head_call's hooks gather them
             self.head_call.register(params)
-        self._count_head("fused" if self.config.fused_head else "naive")
-        return self.head_call(self._head_from_weight, hidden, pool_mask, out_emb, softcap)
+        self._count_head("fused" if self.config.fused_head or raw else "naive")
+        return self.head_call(self._head_from_weight, hidden, pool_mask, out_emb, softcap, raw)
 
     def _count_head(self, path: str, reason: str | None = None) -> None:
         """Count which head ran; the (B, L, V) module fallback under autograd warns once per reason."""
@@ -380,11 +403,11 @@ class SparseEncoder(nn.Module):
             self.head_call.register([self.head_bias])
         return self.head_call(lambda: self.head_bias.float().clone())
 
-    def _head_from_weight(self, hidden, pool_mask, out_emb, softcap) -> torch.Tensor:
+    def _head_from_weight(self, hidden, pool_mask, out_emb, softcap, raw=False) -> torch.Tensor:
         """The head on the output embeddings' weight (inside :attr:`head_call`, where it is gathered)."""
-        return self._pool(hidden, head_params(out_emb), pool_mask, softcap)
+        return self._pool(hidden, head_params(out_emb), pool_mask, softcap, raw)
 
-    def _pool(self, hidden, params, pool_mask, softcap) -> torch.Tensor:
+    def _pool(self, hidden, params, pool_mask, softcap, raw=False) -> torch.Tensor:
         weight, bias = params
         if self.head_bias is not None:
             head_bias = self.head_bias.to(
@@ -395,6 +418,11 @@ class SparseEncoder(nn.Module):
         if scale != 1.0:  # scale * (W h + b) == W (scale * h) + scale * b
             hidden = hidden * scale
             bias = None if bias is None else bias * scale
+        if raw:
+            chunk = self.config.head_chunk_size
+            return max_pooled_logits(
+                hidden, weight, pool_mask, bias, softcap=softcap, chunk_size=chunk
+            )
         return sparse_pool(
             hidden,
             weight,

@@ -440,13 +440,34 @@ def fused_max_pool(
 
     chunk_size: vocab rows per chunk; None -> `default_chunk_size` (one fp32 temporary <= 32 MiB).
     """
+    # Monotone activation on the (B, V) maxima == max of the activated (B, L, V) values.
+    maxima = max_pooled_logits(
+        hidden, weight, mask, bias, softcap=softcap, chunk_size=chunk_size
+    )  # (B, V)
+    return splade_activation(maxima)
+
+
+def max_pooled_logits(
+    hidden: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    bias: Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The max over pooled positions of the (soft-capped) logits, (B, V) float32, with gradient.
+
+    What the max head activates: ``fused_max_pool(...) == splade_activation(max_pooled_logits(...))``.
+    For objectives that must reach terms whose activation is zero (a logit below zero has no gradient
+    through log(1 + ReLU)): the lexical adaptation pulls a text's own terms up from there.
+    """
     mask = _check_inputs(hidden, weight, mask, bias, softcap, chunk_size)
     dtype = _compute_dtype(hidden, weight)
     chunk = _resolve_chunk(hidden, weight, chunk_size)
     with _no_autocast(hidden):
         maxima = _MaskedMaxLogits.apply(hidden, weight, bias, mask, chunk, dtype)  # (B, V)
-    # Monotone activation on the (B, V) maxima == max of the activated (B, L, V) values.
-    return splade_activation(_softcap(maxima, softcap))
+    return _softcap(maxima, softcap)
 
 
 def fused_sum_pool(

@@ -157,6 +157,36 @@ def position_weights(
     return out
 
 
+def target_terms(
+    row: Sequence[int], weights: LexicalWeights, kind: str, max_length: int, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A text's own terms at BM25's weights split between the two sides: (distinct ids, weights).
+
+    A query's term gets ``scale * sqrt(IDF)``; a document's ``scale * sqrt(IDF) * tf (k1 + 1) / (tf +
+    k1 (1 - b + b dl / avgdl))`` over its first `max_length` ids. The dot product of a query's and a
+    document's is ``scale ** 2`` times BM25 on these ids, like the residual's, but with IDF on both
+    sides: one model encodes both, so a term's weight says how much it matters wherever it occurs.
+    The targets of the lexical adaptation (:mod:`csplade.training.adaptation`).
+    """
+    if kind not in ("query", "doc"):
+        raise ValueError(f"kind must be 'query' or 'doc', got {kind!r}")
+    row = list(row)[:max_length]
+    ids, tf = np.unique(np.asarray(row, dtype=np.int64), return_counts=True)
+    values = np.sqrt(weights.idf.numpy()[ids].astype(np.float64))
+    if kind == "doc" and len(ids):
+        norm = K1 * (1.0 - B + B * len(row) / weights.avgdl(max_length))
+        values = values * tf * (K1 + 1.0) / (tf + norm)
+    return ids, (scale * values).astype(np.float32)
+
+
+def target_matrix(terms: Sequence[tuple[np.ndarray, np.ndarray]], vocab: int) -> torch.Tensor:
+    """(B, V) float32 from each text's (ids, weights) of :func:`target_terms` (zero elsewhere)."""
+    out = torch.zeros((len(terms), vocab), dtype=torch.float32)
+    for i, (ids, values) in enumerate(terms):
+        out[i, torch.from_numpy(ids)] = torch.from_numpy(values)
+    return out
+
+
 def residual(input_ids: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
     """(B, V) float32: the `position` (B, L) weights summed per vocabulary id."""
     out = torch.zeros((input_ids.shape[0], vocab), dtype=torch.float32, device=input_ids.device)

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from transformers import set_seed
 
 from csplade._io import replace_folder_files
+from csplade.data.lexical_targets import LexicalTargets, fit_statistics
 from csplade.data.sampling import ADAPT_OBJECTIVES as OBJECTIVES
 from csplade.data.sampling import IGNORE_INDEX, AdaptationCollator
 from csplade.data.texts import query_length_spans, read_texts
@@ -81,6 +82,7 @@ from csplade.model.head import splade_activation
 from csplade.training.arguments import AdaptationArguments, ModelArguments
 from csplade.training.base import CheckpointingTrainer, NonFiniteLossError, resolve_resume
 from csplade.training.distributed import check_joined, gathered
+from csplade.training.lexical_loss import LexicalTargetLoss, own_share
 from csplade.training.loading import load_encoder_for_training
 
 logger = logging.getLogger(__name__)
@@ -243,9 +245,12 @@ def token_logits(
 
 
 class AdaptationModel(nn.Module):
-    """What the Trainer (and DDP / DeepSpeed) wraps: token ids -> LM-head logits at given positions.
+    """What the Trainer (and DDP / DeepSpeed) wraps: one module call per micro-batch, as distributed
+    wrappers expect (the loss stays in the trainer).
 
-    One module call per micro-batch, as distributed wrappers expect; the loss stays in the trainer.
+    Returns a dict: ``logits`` (N, V), the LM-head logits at `positions`, and ``head_bias`` (V,) or
+    None, when token ids are given; ``doc_logits`` / ``query_logits`` (B, V), the max-pooled logits
+    of the lexical objective's batches (:meth:`SparseEncoder.pooled_logits`), when given.
     """
 
     def __init__(self, encoder: SparseEncoder) -> None:
@@ -259,20 +264,24 @@ class AdaptationModel(nn.Module):
 
     def forward(
         self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        positions: Tensor,
-        with_head_bias: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor | None]:
-        """Logits (N, V); with `with_head_bias`, also the encoder's head bias (V,) or None.
-
-        Take the bias from here, not from the encoder's parameter: under ZeRO-3 the parameter is
-        a partition outside this forward, and this copy is made where the engine gathers it.
-        """
-        logits = token_logits(self.encoder, input_ids, attention_mask, positions)  # (N, V)
-        if not with_head_bias:
-            return logits
-        return logits, self.encoder.head_bias_tensor()
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        lexical_doc: dict[str, Tensor] | None = None,
+        lexical_query: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor | None]:
+        """Take the head bias from here, not from the encoder's parameter: under ZeRO-3 the
+        parameter is a partition outside this forward, and this copy is made where the engine
+        gathers it."""
+        out: dict[str, Tensor | None] = {}
+        if input_ids is not None:
+            out["logits"] = token_logits(self.encoder, input_ids, attention_mask, positions)
+            out["head_bias"] = self.encoder.head_bias_tensor()
+        if lexical_doc is not None:
+            out["doc_logits"] = self.encoder.pooled_logits(**lexical_doc)  # (B, V)
+        if lexical_query is not None:
+            out["query_logits"] = self.encoder.pooled_logits(**lexical_query)  # (B, V)
+        return out
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         self.encoder.base_model.activation_checkpointing_enable(
@@ -296,6 +305,7 @@ class AdaptationTrainer(CheckpointingTrainer):
         encoder: SparseEncoder,
         args,
         adapt_args: AdaptationArguments | None = None,
+        lexical_targets: LexicalTargets | None = None,
         **kwargs: Any,
     ) -> None:
         self.adapt_args = adapt_args or AdaptationArguments()
@@ -304,12 +314,21 @@ class AdaptationTrainer(CheckpointingTrainer):
             raise ValueError("the adaptation phase is for causal LM backbones (not masked LMs)")
         if self.adapt_args.relu_weight < 0:
             raise ValueError(f"relu_weight must be >= 0, got {self.adapt_args.relu_weight}")
+        aa = self.adapt_args
+        self.language_model = aa.lm_weight > 0 or aa.relu_weight > 0
+        self.lexical_loss = None
+        if aa.lexical_weight > 0:
+            if lexical_targets is None:
+                raise ValueError("lexical_weight > 0 needs lexical_targets (LexicalTargets)")
+            self.lexical_loss = LexicalTargetLoss(aa.lexical_pull_weight, aa.lexical_off_weight)
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = AdaptationCollator(
                 encoder.tokenizer,
                 objective=self.objective,
-                max_length=self.adapt_args.adapt_max_length,
-                mask_ratio=self.adapt_args.mask_ratio,
+                max_length=aa.adapt_max_length,
+                mask_ratio=aa.mask_ratio,
+                lexical=lexical_targets if self.lexical_loss is not None else None,
+                language_model=self.language_model,
             )
         self._encoder = encoder
         super().__init__(model=AdaptationModel(encoder), args=args, **kwargs)
@@ -329,38 +348,67 @@ class AdaptationTrainer(CheckpointingTrainer):
         return data_collator
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        lm_targets = next_token_targets(inputs["labels"])  # (B, L)
-        # L_ReLU scores every position that has a next token (under MNTP, the unmasked ones too)
-        relu_targets = next_token_targets(inputs.get("tokens", inputs["labels"]))  # (B, L)
-        positions = relu_targets != IGNORE_INDEX  # (B, L)
-        logits, head_bias = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            positions=positions,
-            with_head_bias=True,
-        )  # (N, V), (V,) | None
-        where = positions.to(relu_targets.device)
-        scored = relu_targets[where]  # (N,)
-        lm = lm_loss(logits, lm_targets[where])  # the LM objective's own targets (MNTP: masked)
-        weight = self.adapt_args.relu_weight
-        with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
-            relu = relu_loss(logits, scored, self._encoder.config.logit_scale, head_bias)
-        loss = lm + weight * relu
+        call: dict[str, Any] = {}
+        if self.language_model:
+            lm_targets = next_token_targets(inputs["labels"])  # (B, L)
+            # L_ReLU scores every position that has a next token (under MNTP, the unmasked ones too)
+            relu_targets = next_token_targets(inputs.get("tokens", inputs["labels"]))  # (B, L)
+            positions = relu_targets != IGNORE_INDEX  # (B, L)
+            call = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+            call["positions"] = positions
+        if self.lexical_loss is not None:
+            call["lexical_doc"] = inputs["lexical_doc"]
+            call["lexical_query"] = inputs["lexical_query"]
+        out = model(**call)
+        parts: dict[str, Tensor] = {}
+        aa = self.adapt_args
+        loss = torch.zeros((), device=self.args.device)
+        if self.language_model:
+            logits = out["logits"]  # (N, V)
+            where = positions.to(relu_targets.device)
+            lm = lm_loss(logits, lm_targets[where])  # the LM objective's own targets (MNTP: masked)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and aa.relu_weight > 0):
+                relu = relu_loss(
+                    logits, relu_targets[where], self._encoder.config.logit_scale, out["head_bias"]
+                )
+            loss = loss + aa.lm_weight * lm + aa.relu_weight * relu
+            parts[self.objective], parts["relu"] = lm, relu
+        if self.lexical_loss is not None:
+            doc = self.lexical_loss(out["doc_logits"], inputs["lexical_doc_target"])
+            query = self.lexical_loss(out["query_logits"], inputs["lexical_query_target"])
+            lexical = doc["loss"] + aa.lexical_query_weight * query["loss"]
+            loss = loss + aa.lexical_weight * lexical
+            parts["lexical"] = lexical
+            for side, values in (("d", doc), ("q", query)):
+                for name in ("on", "pull", "off"):
+                    parts[f"lex_{side}_{name}"] = values[name]
         if not bool(torch.isfinite(loss.detach())):
-            lm, relu = lm.detach(), relu.detach()
+            values = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
             raise NonFiniteLossError(
                 f"non-finite adaptation loss at optimizer step {self.state.global_step + 1} "
-                f"(epoch {self.state.epoch or 0:.3f}): loss={float(lm + weight * relu):.4g}, "
-                f"{self.objective}={float(lm):.4g}, relu={float(relu):.4g}; lower the learning "
-                "rate, check the data, or train in float32/bfloat16 rather than float16"
+                f"(epoch {self.state.epoch or 0:.3f}): loss={float(loss):.4g}, {values}; lower "
+                "the learning rate, check the data, or train in float32/bfloat16 rather than float16"
             )
         if model.training:
-            counts = positions.sum(dim=1).tolist()
-            self.record(self.objective, lm)
-            self.record("relu", relu)
-            self.record("pos_frac", positive_fraction(logits.detach()))
-            self.record("nnz", pooled_nnz(logits.detach(), counts))
-        return (loss, {"logits": logits}) if return_outputs else loss
+            for name, value in parts.items():
+                self.record(name, value)
+            if self.language_model:
+                counts = positions.sum(dim=1).tolist()
+                self.record("pos_frac", positive_fraction(logits.detach()))
+                self.record("nnz", pooled_nnz(logits.detach(), counts))
+            if self.lexical_loss is not None:
+                self._record_lexical(out, inputs)
+        return (loss, out) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_lexical(self, out, inputs) -> None:
+        """Non-zeros of the pooled document / query vectors and the share of their weight on the
+        text's own terms."""
+        for side, key in (("d", "doc"), ("q", "query")):
+            reps = splade_activation(out[f"{key}_logits"].detach().float())
+            target = inputs[f"lexical_{key}_target"].to(reps.device)
+            self.record(f"lex_{side}_nnz", (reps > 0).sum(dim=1).float().mean())
+            self.record(f"lex_{side}_own", own_share(reps, target))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,14 +486,23 @@ def run_adaptation(
     if len(texts) == 0:
         raise ValueError(f"{data_path}: no texts to adapt on")
     logger.info(
-        "adaptation: %s + %g * relu on %d texts from %s",
+        "adaptation: %g * %s + %g * relu + %g * lexical on %d texts from %s",
+        adapt_args.lm_weight,
         objective,
         adapt_args.relu_weight,
+        adapt_args.lexical_weight,
         len(texts),
         data_path,
     )
+    targets = None
+    if adapt_args.lexical_weight > 0:
+        texts, targets = _lexical_setup(encoder, texts, model_args, adapt_args, training_args.seed)
     trainer = AdaptationTrainer(
-        encoder, args=training_args, adapt_args=adapt_args, train_dataset=texts
+        encoder,
+        args=training_args,
+        adapt_args=adapt_args,
+        lexical_targets=targets,
+        train_dataset=texts,
     )
     check_joined(trainer.accelerator)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -453,7 +510,7 @@ def run_adaptation(
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.wait_for_everyone()
     collator = trainer.data_collator
-    if collator.n_full:
+    if collator.language_model and collator.n_full:
         logger.info(
             "%d of %d texts filled adapt_max_length=%d tokens (longer texts were cut there)",
             collator.n_full,
@@ -469,9 +526,39 @@ def run_adaptation(
         "merged": bool(merge),
         "adapt_args": asdict(adapt_args),
     }
+    if targets is not None:
+        provenance["lexical_targets"] = {
+            "texts": targets.weights.n_docs,
+            "avgdl": round(targets.weights.avgdl(encoder.config.doc_max_length), 2),
+        }
     out = Path(training_args.output_dir)
     _merge_calibrate_save(trainer, model_args, merge, texts, provenance, out)
     return out
+
+
+def _lexical_setup(encoder, texts, model_args, adapt_args, seed: int):
+    """The lexical objective's inputs: a query-like sentence of each text (a ``query`` column, drawn
+    once, seeded), the targets' IDF and lengths over the texts, and the head bias calibrated before
+    training when the recipe asks for one (the objective then trains it: no calibration after)."""
+    docs = texts["text"]
+    texts = texts.add_column("query", query_length_spans(docs, seed=seed))
+    weights = fit_statistics(encoder, docs, adapt_args.lexical_target_analyzer)
+    logger.info(
+        "lexical targets (%s): IDF over %d texts, mean length %.1f at %d tokens",
+        adapt_args.lexical_target_analyzer,
+        weights.n_docs,
+        weights.avgdl(encoder.config.doc_max_length),
+        encoder.config.doc_max_length,
+    )
+    if model_args.head_bias_df is not None and encoder.head_bias is None:
+        _calibrate(encoder, texts, model_args.head_bias_df, model_args.head_bias_queries)
+    targets = LexicalTargets(
+        encoder,
+        weights,
+        analyzer=adapt_args.lexical_target_analyzer,
+        scale=adapt_args.lexical_target_scale,
+    )
+    return texts, targets
 
 
 def _merge_calibrate_save(trainer, model_args, merge: bool, texts, provenance, out: Path) -> None:
@@ -484,7 +571,8 @@ def _merge_calibrate_save(trainer, model_args, merge: bool, texts, provenance, o
     if final is not None:
         if merge:
             final.backbone = final.backbone.merge_and_unload()
-        if model_args.head_bias_df is not None:
+        lexical = trainer.lexical_loss is not None  # it trained the bias calibrated before
+        if model_args.head_bias_df is not None and not lexical:
             # after the LM phase, which moved the logits: calibrate on the adaptation texts
             _calibrate(final, texts, model_args.head_bias_df, model_args.head_bias_queries)
         final.config = replace(final.config, extra={**final.config.extra, "adaptation": provenance})

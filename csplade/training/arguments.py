@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from csplade.model.config import DTYPES, EncoderSettings
+from csplade.model.config import DTYPES, LEXICAL_ANALYZERS, EncoderSettings
 from csplade.model.config import check_choice as _choice
 from csplade.quantization.modes import TRAINING_MODES
 from csplade.training.distributed import cpu_only_launch, launched_processes
@@ -205,6 +205,34 @@ class AdaptationArguments:
         metadata={"help": "λ of L_ReLU, the LM loss on log(1 + ReLU(logits)) (CSPLADE: 1)"},
     )
     max_adapt_texts: int | None = None
+    # The lexical adaptation (csplade.training.lexical_loss): the model's own pooled vector of each
+    # text (as a document) and of a sentence of it (as a query) regressed onto its words at BM25's
+    # weights, so that retrieval starts from lexical matching the LLM itself does.
+    lm_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "weight of the LM objective (clm | mntp); with relu_weight 0 too, no LM pass"
+        },
+    )
+    lexical_weight: float = field(
+        default=0.0, metadata={"help": "weight of the lexical objective (0: off)"}
+    )
+    lexical_target_analyzer: str = field(
+        default="stems", metadata={"help": "words the targets hold: tokens | words | stems"}
+    )
+    lexical_target_scale: float = field(
+        default=1.0,
+        metadata={"help": "the targets' scale (sqrt(IDF) x this, BM25 tf on documents)"},
+    )
+    lexical_query_weight: float = field(
+        default=1.0, metadata={"help": "weight of the query examples against the documents'"}
+    )
+    lexical_pull_weight: float = field(
+        default=1.0, metadata={"help": "weight of the pull on own terms whose logit is below zero"}
+    )
+    lexical_off_weight: float = field(
+        default=1.0, metadata={"help": "weight of the squared weights of the other terms"}
+    )
     merge_adapter: bool = field(
         default=True, metadata={"help": "save a merged model (not just the LoRA adapter)"}
     )
@@ -215,6 +243,17 @@ class AdaptationArguments:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.relu_weight < 0:
             raise ValueError(f"relu_weight must be >= 0, got {self.relu_weight}")
+        _choice("lexical_target_analyzer", self.lexical_target_analyzer, LEXICAL_ANALYZERS)
+        for name in ("lm_weight", "lexical_weight", "lexical_query_weight", "lexical_pull_weight",
+                     "lexical_off_weight"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lexical_target_scale <= 0:
+            raise ValueError(f"lexical_target_scale must be > 0, got {self.lexical_target_scale}")
+        if self.lm_weight == 0 and self.relu_weight == 0 and self.lexical_weight == 0:
+            raise ValueError(
+                "lm_weight, relu_weight and lexical_weight are all 0: nothing to train"
+            )
 
 
 @dataclass
