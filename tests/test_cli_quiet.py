@@ -145,7 +145,8 @@ def test_noise_is_held_by_source_and_replayed_with_verbose(capsys):
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:
-        for handler in handlers:  # as in the CLI before configure(): no handler, Python's lastResort
+        # as in the CLI before configure(): no handler on the root, Python's lastResort prints
+        for handler in handlers:
             root.removeHandler(handler)
         _logging.quiet_imports()
         logging.getLogger("torchao").warning("Failed to load /x/_C_mxfp8.so: reworded")

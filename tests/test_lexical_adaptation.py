@@ -76,9 +76,12 @@ def test_loss_by_hand_and_the_pull_reaches_terms_that_are_off():
     a = splade_activation(logits.detach())
     on = (a[0, 0] - 1.0) ** 2 + (0.0 - 0.8) ** 2
     assert float(parts["on"].detach()) == pytest.approx(float(on))
-    assert float(parts["pull"].detach()) == pytest.approx(1.0)  # ReLU(-(-1)) on the own term that is off
+    # ReLU(-(-1)) on the own term that is off
+    assert float(parts["pull"].detach()) == pytest.approx(1.0)
     assert float(parts["off"].detach()) == pytest.approx(float(a[0, 2] ** 2))
-    assert float(parts["loss"].detach()) == pytest.approx(float(on + 2.0 * 1.0 + 0.5 * a[0, 2] ** 2))
+    assert float(parts["loss"].detach()) == pytest.approx(
+        float(on + 2.0 * 1.0 + 0.5 * a[0, 2] ** 2)
+    )
     parts["loss"].backward()
     assert logits.grad[0, 1] < 0  # gradient descent raises the own term that is off
     assert logits.grad[0, 3] == 0  # an off term below zero is left alone
