@@ -62,6 +62,7 @@ from csplade.model.output_head import (
     vocab_size,
     warn_module_head,
 )
+from csplade.model.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ class SparseEncoder(nn.Module):
             )
         if config.variant == "bi":
             make_bidirectional(backbone)
+        # Lower blocks' outputs per text when they are frozen (csplade.model.prefix_cache); None: off
+        self.prefix_cache: PrefixCache | None = None
         # The head runs as this module's call, so ZeRO-3 gathers its weight (csplade.model.output_head).
         self.head_call = HeadCall()
         self.head_calls: Counter[str] = Counter()  # head path -> calls: fused | naive | module
@@ -245,6 +248,9 @@ class SparseEncoder(nn.Module):
             decoder = (
                 base.base_model
             )  # e.g. LlamaModel: its last_hidden_state is after the final norm
+            if self.prefix_cache is not None:
+                hidden = self.prefix_cache.last_hidden_state(decoder, input_ids, attention_mask)
+                return hidden, out_emb
             out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return out.last_hidden_state, out_emb
         predictions = getattr(getattr(base, "cls", None), "predictions", None)

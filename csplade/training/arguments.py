@@ -90,9 +90,21 @@ class ModelArguments(EncoderSettings):
         },
     )
 
+    cache_frozen_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "with lora_last_layers: keep each text's hidden states after the frozen lower "
+            "blocks and run only the trained ones when it comes back (csplade.model.prefix_cache)"
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("model_dtype", self.model_dtype, DTYPES)
+        if self.cache_frozen_layers and not (self.use_lora and self.lora_last_layers):
+            raise ValueError(
+                "cache_frozen_layers needs frozen lower blocks: use_lora with lora_last_layers"
+            )
         _choice("quantization", self.quantization, TRAINING_MODES)
         if self.quantization != "none" and not self.use_lora:
             raise ValueError(

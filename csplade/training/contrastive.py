@@ -243,11 +243,22 @@ def run_training(
             "model_args": asdict(model_args),
             "loss_args": asdict(loss_args),
             "data_args": asdict(data_args),
+            **_cache_info(encoder),
         }
     )
     if trainer.args.should_save:
         write_card(training_args.output_dir)
     return Path(training_args.output_dir)
+
+
+def _cache_info(encoder: SparseEncoder) -> dict:
+    """The prefix cache's texts, hits, misses and size, for run_info.json (empty without one)."""
+    cache = encoder.prefix_cache
+    if cache is None:
+        return {}
+    info = {"texts": len(cache), "hits": cache.hits, "misses": cache.misses}
+    logger.info("prefix cache: %s, %.1f MiB in memory", info, cache.bytes / 2**20)
+    return {"prefix_cache": {**info, "bytes": cache.bytes}}
 
 
 def calibrate_on_training_docs(

@@ -24,6 +24,7 @@ from typing import Any
 
 from csplade.model.config import DTYPES
 from csplade.model.encoder import SparseEncoder
+from csplade.model.prefix_cache import PrefixCache
 from csplade.quantization.modes import quantization_config
 from csplade.training.arguments import ModelArguments
 
@@ -66,11 +67,23 @@ def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
         )
     if model_args.use_lora:
         apply_lora(encoder, model_args)
+        if model_args.cache_frozen_layers:
+            attach_prefix_cache(encoder, model_args.lora_last_layers)
         # The adapter applies to the weights loaded here, not to the base they came from: a folder
         # saved by `csplade adapt` records its own base (the raw backbone) as `base_model`.
         encoder.config = replace(encoder.config, base_model=_as_base(model_args.model_name_or_path))
     encoder.train()
     return encoder
+
+
+def attach_prefix_cache(encoder: SparseEncoder, trained_layers: int) -> PrefixCache:
+    """Cache the outputs of the blocks below the last `trained_layers` (they must be frozen)."""
+    decoder = encoder.base_model.base_model
+    n_frozen = len(decoder.layers) - trained_layers
+    PrefixCache.check_frozen(decoder, n_frozen)
+    encoder.prefix_cache = PrefixCache(n_frozen)
+    logger.info("prefix cache: the outputs of the first %d blocks are kept per text", n_frozen)
+    return encoder.prefix_cache
 
 
 def _as_base(name_or_path: str) -> str:
