@@ -258,11 +258,11 @@ def test_training_regularizes_the_learned_terms_only(tmp_path, monkeypatch, anal
     """FLOPS in training sees the learned terms alone: what it is given equals the same model's
     vectors with the residual off, on the same batch (the residual is fixed BM25; counting it would
     press hardest on the learned weights of a text's own tokens), whichever tokens it reads."""
-    from csplade.training import losses
     from csplade.training.contrastive import SparseTrainer
+    from csplade.training.losses import regularization
 
     seen = {}
-    original_loss, original_reg = SparseTrainer.compute_loss, losses.regularize
+    original_loss, original_reg = SparseTrainer.compute_loss, regularization.regularize
 
     def capture_loss(self, model, inputs, *args, **kwargs):
         seen.setdefault("inputs", inputs)
@@ -273,7 +273,7 @@ def test_training_regularizes_the_learned_terms_only(tmp_path, monkeypatch, anal
         return original_reg(reps, kind, **kwargs)
 
     monkeypatch.setattr(SparseTrainer, "compute_loss", capture_loss)
-    monkeypatch.setattr(losses, "regularize", capture_reg)
+    monkeypatch.setattr(regularization, "regularize", capture_reg)
     base, _ = _one_step_with_residual(tmp_path, "--group_size", "2", "--lexical_analyzer", analyzer)
     q_reg, d_reg = seen["reps"][:2]
     reference = SparseEncoder.from_pretrained(base)  # the weights of the first step's forward
@@ -323,11 +323,11 @@ def test_training_with_lexical_docs_learns_the_queries_only(tmp_path, monkeypatc
     """A `lexical_docs` run: the loss is given the documents' residual (no gradient path), FLOPS is
     not asked for documents, the head bias is calibrated on queries alone, and the setting is saved."""
     from csplade.model import calibration
-    from csplade.training import losses
     from csplade.training.contrastive import SparseTrainer
+    from csplade.training.losses import regularization
 
     seen = {"kinds": [], "reg": 0}
-    original_loss, original_reg = SparseTrainer.compute_loss, losses.regularize
+    original_loss, original_reg = SparseTrainer.compute_loss, regularization.regularize
     original_quantile = calibration._quantile
 
     def capture_loss(self, model, inputs, *args, **kwargs):
@@ -345,7 +345,7 @@ def test_training_with_lexical_docs_learns_the_queries_only(tmp_path, monkeypatc
         return original_quantile(encoder, texts, kind, *args, **kwargs)
 
     monkeypatch.setattr(SparseTrainer, "compute_loss", capture_loss)
-    monkeypatch.setattr(losses, "regularize", capture_reg)
+    monkeypatch.setattr(regularization, "regularize", capture_reg)
     monkeypatch.setattr(calibration, "_quantile", capture_quantile)
     _, out = _one_step_with_residual(
         tmp_path, "--group_size", "3", "--lexical_docs", "true", "--head_bias_df", "0.2"

@@ -25,6 +25,7 @@ from csplade.model.config import DTYPES, LEXICAL_ANALYZERS, EncoderSettings
 from csplade.model.config import check_choice as _choice
 from csplade.quantization.modes import TRAINING_MODES
 from csplade.training.distributed import cpu_only_launch, launched_processes
+from csplade.training.losses import DISTILL_LOSSES, REGULARIZERS
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +147,11 @@ class LossArguments:
     )
 
     def __post_init__(self) -> None:
-        _choice("distill_loss", self.distill_loss, ("none", "margin_mse", "kl"))
-        _choice("query_regularizer", self.query_regularizer, ("flops", "l1", "none"))
-        _choice("doc_regularizer", self.doc_regularizer, ("flops", "l1", "idf_flops", "none"))
+        # the values name the loss classes (csplade.training.losses)
+        _choice("distill_loss", self.distill_loss, ("none", *DISTILL_LOSSES))
+        query_kinds = tuple(k for k, kind in REGULARIZERS.items() if kind.for_queries)
+        _choice("query_regularizer", self.query_regularizer, (*query_kinds, "none"))
+        _choice("doc_regularizer", self.doc_regularizer, (*REGULARIZERS, "none"))
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.lambda_q < 0 or self.lambda_d < 0:

@@ -5,15 +5,13 @@ checkpoints, resume, logging (`report_to` tensorboard / wandb) and the launchers
 DDP, DeepSpeed ZeRO or FSDP). This module adds only what is specific to learned sparse retrieval:
 
 - `compute_loss`: encode the queries and the grouped documents in one forward (one DDP forward per
-  step), then InfoNCE (:func:`csplade.training.losses.contrastive_loss`, optionally with cross-device negatives),
-  optional distillation from teacher scores (MarginMSE or KL), and sparsity regularizers on queries and
-  documents (FLOPS / L1 / IDF-aware FLOPS; on the learned terms only when the model has a lexical
-  residual, :func:`csplade.model.lexical.learned_part`) computed on the *global* batch so the density of the model does
-  not depend on the number of GPUs. λ_q and λ_d follow a quadratic warm-up stepped per OPTIMIZER step
-  (`state.global_step`), never per micro-batch.
+  step) and call the objective, a :class:`csplade.training.losses.SpladeLoss` built from the recipe's
+  loss keys (InfoNCE, distillation, query and document regularizers on the global batch with λ_q and
+  λ_d stepped per OPTIMIZER step); with a lexical residual the regularizers see the learned terms only.
 - logging of every loss part, λ_q, λ_d, the mean non-zeros of query and document vectors (and of their
-  learned terms, with a lexical residual), and the
-  score scale (mean positive and largest query-document score of the batch) (checkpoints, resume and metric averaging: :mod:`csplade.training.base`).
+  learned terms, with a lexical residual), and the score scale (mean positive and largest
+  query-document score of the batch); checkpoints, resume and metric averaging:
+  :mod:`csplade.training.base`.
 
 Sharded weights: under DeepSpeed ZeRO-3 and FSDP2 the fused head reads the LM-head weight inside a module
 whose hooks gather it for forward and backward (csplade.model.output_head), frozen or trained, tied or not,
@@ -75,7 +73,11 @@ class _EpochCallback(TrainerCallback):
 
 
 class SparseTrainer(CheckpointingTrainer):
-    """`transformers.Trainer` with SPLADE losses. `model` is a :class:`SparseEncoder`."""
+    """`transformers.Trainer` with SPLADE losses. `model` is a :class:`SparseEncoder`.
+
+    The objective is `loss` (a :class:`~csplade.training.losses.SpladeLoss`), or the one `loss_args`
+    (a recipe's loss keys) describe for this model, with `idf` for ``idf_flops``.
+    """
 
     def __init__(
         self,
@@ -83,102 +85,74 @@ class SparseTrainer(CheckpointingTrainer):
         args: CspladeTrainingArguments,
         loss_args: LossArguments | None = None,
         idf: torch.Tensor | None = None,
+        loss: losses.SpladeLoss | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model=model, args=args, **kwargs)
         self.loss_args = loss_args or LossArguments()
-        sa = self.loss_args
-        self.reg_scheduler = losses.RegWeightScheduler(
-            sa.lambda_q, sa.lambda_d, sa.reg_warmup_steps
-        )
-        if sa.doc_regularizer == "idf_flops" and idf is None:
-            raise ValueError("doc_regularizer 'idf_flops' needs IDF weights (idf=…)")
-        self.idf = idf
+        if loss is None:
+            loss = losses.SpladeLoss.from_arguments(
+                self.loss_args,
+                world_size=self.accelerator.num_processes,
+                learned_queries=not model.config.doc_only,
+                learned_documents=not model.config.lexical_docs,
+                idf=idf,
+            )
+        self.loss = loss
+        logger.info("objective: %s", loss)
         if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(_EpochCallback(self.train_dataset))
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        sa = self.loss_args
         q_reps, d_reps = model(query=inputs["query"], doc=inputs["doc"])  # (B, V), (B*n, V)
-        if d_reps.shape[0] % q_reps.shape[0]:
-            raise ValueError(
-                f"{d_reps.shape[0]} documents for {q_reps.shape[0]} queries: not whole groups"
-            )
-        group_size = d_reps.shape[0] // q_reps.shape[0]
-        world = self.accelerator.num_processes
         encoder: SparseEncoder = self.accelerator.unwrap_model(model)
-        parts: dict[str, torch.Tensor] = {}
-        weights: dict[str, float] = {}
-        if sa.contrastive_weight > 0:
-            parts["contrastive"] = losses.contrastive_loss(
-                q_reps,
-                d_reps,
-                group_size,
-                temperature=sa.temperature,
-                in_batch_negatives=sa.in_batch_negatives,
-                cross_device=sa.cross_device_negatives and sa.in_batch_negatives and world > 1,
-            )
-            weights["contrastive"] = sa.contrastive_weight
-        if sa.distill_loss != "none":
-            teacher = inputs.get("teacher_scores")
-            if teacher is None:
-                raise ValueError(
-                    f"distill_loss={sa.distill_loss!r} needs teacher scores in the training data "
-                    "(a 'scores' field in every group; see `csplade teacher-scores`)"
-                )
-            student = losses.group_scores(q_reps, d_reps, group_size)  # (B, n)
-            if sa.distill_loss == "margin_mse":
-                parts["distill"] = losses.margin_mse_loss(student, teacher)
-            else:
-                parts["distill"] = losses.kl_distill_loss(
-                    student, teacher, temperature=sa.distill_temperature
-                )
-            weights["distill"] = sa.distill_weight
-        lambda_q, lambda_d = self.reg_scheduler.weights(self.state.global_step)
-        q_learned, d_learned = q_reps, d_reps
-        if encoder.config.lexical_residual:  # the regularizers see the learned terms only
-            q_learned = lexical.learned_part(q_reps, inputs["query"])
-            if not encoder.config.lexical_docs:  # lexical documents are their residual alone
-                d_learned = lexical.learned_part(d_reps, inputs["doc"])
-        if sa.query_regularizer != "none" and not encoder.config.doc_only:
-            parts["reg_q"] = losses.regularize(q_learned, sa.query_regularizer)
-            weights["reg_q"] = lambda_q
-        if sa.doc_regularizer != "none" and not encoder.config.lexical_docs:
-            idf = self.idf.to(d_reps.device) if sa.doc_regularizer == "idf_flops" else None
-            parts["reg_d"] = losses.regularize(d_learned, sa.doc_regularizer, idf=idf)
-            weights["reg_d"] = lambda_d
-        if not parts:
-            raise ValueError("no loss to train: contrastive_weight is 0 and distill_loss is 'none'")
-        total, logged = losses.combine(parts, weights)
-        if not torch.isfinite(total.detach()):
-            values = {k: float(v) for k, v in logged.items()}
+        batch = loss_inputs(encoder, q_reps, d_reps, inputs)
+        out = self.loss(batch, self.state.global_step)
+        if not torch.isfinite(out.total.detach()):
+            values = {k: float(v) for k, v in out.parts.items()}
             raise NonFiniteLossError(
                 f"non-finite loss at optimizer step {self.state.global_step + 1}: {values}; "
                 "lower the learning rate, check the data, or use float32"
             )
         if model.training:
-            for name, value in logged.items():
+            for name, value in {**out.parts, **out.weights}.items():
                 self.record(name, value)
-            self.record("lambda_q", lambda_q)
-            self.record("lambda_d", lambda_d)
-            with torch.no_grad():
-                self.record("q_nnz", (q_reps > 0).sum(dim=1).float().mean())
-                self.record("d_nnz", (d_reps > 0).sum(dim=1).float().mean())
-                if encoder.config.lexical_residual:  # the learned terms among them
-                    self.record("q_learned_nnz", (q_learned > 0).sum(dim=1).float().mean())
-                    if not encoder.config.lexical_docs:  # theirs are none
-                        self.record("d_learned_nnz", (d_learned > 0).sum(dim=1).float().mean())
-                # score scale: what InfoNCE's softmax sees (in hundreds, it saturates)
-                scores = q_reps.float() @ d_reps.float().T  # (B, B*n)
-                positives = scores[
-                    torch.arange(len(q_reps)), torch.arange(len(q_reps)) * group_size
-                ]
-                self.record("score_pos", positives.mean())
-                self.record("score_max", scores.max())
+            self._record_vectors(encoder, batch)
         if return_outputs:
-            return total, {"q_reps": q_reps, "d_reps": d_reps}
-        return total
+            return out.total, {"q_reps": q_reps, "d_reps": d_reps}
+        return out.total
+
+    @torch.no_grad()
+    def _record_vectors(self, encoder: SparseEncoder, batch: losses.LossInputs) -> None:
+        """Mean non-zeros of the query and document vectors (and of their learned terms, with a
+        lexical residual) and the score scale: what InfoNCE's softmax sees (in hundreds, it saturates)."""
+        q_reps, d_reps = batch.q_reps, batch.d_reps
+        self.record("q_nnz", (q_reps > 0).sum(dim=1).float().mean())
+        self.record("d_nnz", (d_reps > 0).sum(dim=1).float().mean())
+        if encoder.config.lexical_residual:  # the learned terms among them
+            self.record("q_learned_nnz", (batch.q_learned > 0).sum(dim=1).float().mean())
+            if not encoder.config.lexical_docs:  # theirs are none
+                self.record("d_learned_nnz", (batch.d_learned > 0).sum(dim=1).float().mean())
+        scores = q_reps.float() @ d_reps.float().T  # (B, B*n)
+        rows = torch.arange(len(q_reps))
+        self.record("score_pos", scores[rows, rows * batch.group_size].mean())
+        self.record("score_max", scores.max())
+
+
+def loss_inputs(
+    encoder: SparseEncoder, q_reps: torch.Tensor, d_reps: torch.Tensor, inputs: dict
+) -> losses.LossInputs:
+    """The step's vectors for the loss; with a lexical residual the regularizers see the learned
+    terms only (:func:`csplade.model.lexical.learned_part`; lexical documents have none)."""
+    q_learned, d_learned = q_reps, d_reps
+    if encoder.config.lexical_residual:
+        q_learned = lexical.learned_part(q_reps, inputs["query"])
+        if not encoder.config.lexical_docs:  # lexical documents are their residual alone
+            d_learned = lexical.learned_part(d_reps, inputs["doc"])
+    return losses.LossInputs(
+        q_reps, d_reps, inputs.get("teacher_scores"), q_learned=q_learned, d_learned=d_learned
+    )
 
 
 def run_training(
