@@ -17,7 +17,7 @@ from csplade.model import SparseEncoder, lexical
 from csplade.model.head import splade_activation
 from csplade.training.adaptation import AdaptationTrainer, run_adaptation
 from csplade.training.arguments import AdaptationArguments, ModelArguments
-from csplade.training.lexical_loss import LexicalTargetLoss, own_share
+from csplade.training.losses import LexicalTargetLoss, own_share
 
 HELD_OUT = run_texts(24, seed=77)
 

@@ -1,7 +1,7 @@
 """Batches of the lexical adaptation: a text as a document, a sentence of it as a query, and the
 vectors each should be.
 
-The lexical adaptation (:mod:`csplade.training.adaptation`, ``lexical_weight``) teaches the LLM's own
+The lexical adaptation (:mod:`csplade.training.adaptation`, ``lexical_weight``; the loss: :mod:`csplade.training.losses.lexical`) teaches the LLM's own
 pooled vector to carry its text's words at BM25's weights before any labelled pair. Each unlabeled
 text gives two examples: the text encoded as a document (cut at the encoder's ``doc_max_length``) and
 one sentence of it encoded as a query (the adaptation's stand-in for a query, drawn once per text:

@@ -82,8 +82,8 @@ from csplade.model.head import splade_activation
 from csplade.training.arguments import AdaptationArguments, ModelArguments
 from csplade.training.base import CheckpointingTrainer, NonFiniteLossError, resolve_resume
 from csplade.training.distributed import check_joined, gathered
-from csplade.training.lexical_loss import LexicalTargetLoss, own_share
 from csplade.training.loading import load_encoder_for_training
+from csplade.training.losses import LexicalTargetLoss, own_share
 
 logger = logging.getLogger(__name__)
 

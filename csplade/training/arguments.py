@@ -220,7 +220,7 @@ class AdaptationArguments:
         metadata={"help": "λ of L_ReLU, the LM loss on log(1 + ReLU(logits)) (CSPLADE: 1)"},
     )
     max_adapt_texts: int | None = None
-    # The lexical adaptation (csplade.training.lexical_loss): the model's own pooled vector of each
+    # The lexical adaptation (csplade.training.losses.lexical): the model's own pooled vector of each
     # text (as a document) and of a sentence of it (as a query) regressed onto its words at BM25's
     # weights, so that retrieval starts from lexical matching the LLM itself does.
     lm_weight: float = field(
