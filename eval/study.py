@@ -12,16 +12,25 @@ Stages, each cached in ``--out`` (a rerun resumes where the last one stopped):
 3. per variant x loss: LoRA contrastive training (`train-VARIANT.yaml`, ``distill`` adds KL to the
    teacher ensemble, ``lexdocs`` is `lexdocs-VARIANT.yaml`: learned queries over lexical documents),
    a checkpoint at every step of ``--steps``;
-4. evaluation with `csplade eval`'s library (exact search, pytrec_eval) of BM25 (bm25s, without and
-   with stemming), splade-tiny and every
-   checkpoint (step 0: the adapted model) on whole collections (test split, no slice), documents cut
-   at ``--doc-max-length`` tokens for the models (``lexdocs``: their recipe's length, whole documents,
-   since they run no forward pass) and whole for BM25; intermediate steps on
-   ``--curve-datasets`` only, the last step on every data set;
-5. ``OUT/table.md`` (nDCG@10 per data set, ratio to BM25, wall time) and ``OUT/learning_curves.png``.
+4. learning curves during stages 2 and 3, from the trainers' evaluator
+   (:mod:`csplade.evaluation.during_training`) on slices of ``--curve-datasets`` (``--curve-split``,
+   the first ``--curve-queries`` judged queries, their judged documents plus others drawn at random
+   up to ``--curve-docs``, as `csplade eval` slices): every ``--adapt-eval-steps`` of the adaptation
+   (its model evaluated with the head bias its save calibrates) and every ``--eval-steps`` of the
+   training (default: the greatest common divisor of ``--steps``), with the model's own vectors
+   beside when it has a lexical residual; each run keeps them in ``<run>/eval/history.json``;
+5. whole-collection evaluation with `csplade eval`'s library (exact search, pytrec_eval) of BM25
+   (bm25s, without and with stemming), splade-tiny, the adapted model (step 0) and the trained model
+   (the last of ``--steps``) on every data set (test split, no slice), documents cut at
+   ``--doc-max-length`` tokens for the models (``lexdocs``: their recipe's length, whole documents,
+   since they run no forward pass) and whole for BM25;
+6. ``OUT/table.md`` (nDCG@10 per data set, ratio to BM25, wall time), ``OUT/curves.md`` (the curves:
+   phase, step, minutes of training, nDCG@10 per slice, own vectors) and ``OUT/learning_curves.png``
+   (with BM25 on the same slices).
 
-Wall times are those of this machine, measured per stage; a checkpoint's training time is the run's
-time per step times its step.
+The curves' slices are of test splits by default (SciFact has no dev split): they are watched, no
+checkpoint is chosen on them. Wall times are those of this machine, measured per stage and without
+the evaluations' time; a curve point's minutes are the trainer's (``eval_train_seconds``).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -38,13 +48,18 @@ from csplade import _logging
 _logging.quiet_imports()
 
 from csplade._io import write_json_atomic, write_text_atomic  # noqa: E402
+from csplade.data.beir import find_dataset, load_beir  # noqa: E402
 from csplade.data.mining import mine  # noqa: E402
 from csplade.data.teachers import score_groups  # noqa: E402
-from csplade.evaluation.beir_eval import SystemSpec, evaluate  # noqa: E402
+from csplade.evaluation.beir_eval import SystemSpec, evaluate, slice_data  # noqa: E402
+from csplade.evaluation.during_training import RetrievalEvaluator  # noqa: E402
+from csplade.evaluation.metrics import evaluate_run  # noqa: E402
 from csplade.evaluation.report import save_png  # noqa: E402
+from csplade.index.bm25 import bm25_search  # noqa: E402
 from csplade.model.backbones import prepare  # noqa: E402
 from csplade.model.config import CONFIG_NAME, VARIANTS  # noqa: E402
 from csplade.training.adaptation import run_adaptation  # noqa: E402
+from csplade.training.base import EVAL_HISTORY  # noqa: E402
 from csplade.training.contrastive import run_training  # noqa: E402
 from csplade.training.recipe import ADAPT_TYPES, parse_recipe  # noqa: E402
 
@@ -106,15 +121,27 @@ def _has_negative(line: str) -> bool:
     return bool(json.loads(line)["negatives"])
 
 
+def curve_overrides(args, every: int) -> list[str]:
+    """The recipe keys of the learning curves: the evaluator every `every` steps, from step 0."""
+    return ["--eval_data", *(f"{name}:{args.curve_split}" for name in args.curve_datasets),
+            "--eval_strategy", "steps", "--eval_steps", str(every), "--eval_on_start", "true",
+            "--eval_max_queries", str(args.curve_queries), "--eval_max_docs", str(args.curve_docs),
+            "--eval_doc_max_length", str(args.doc_max_length), "--eval_own_vectors", "true",
+            "--per_device_eval_batch_size", str(args.eval_batch_size)]  # fmt: skip
+
+
 def adapt(args, variant: str, out: Path) -> Path:
     folder = out / f"adapt-{variant}"
     overrides = ["--model_name_or_path", str(prepare("smollm2-135m")),
                  "--adapt_data", args.train_data[0], "--output_dir", str(folder),
                  "--model_dtype", args.dtype, "--max_steps", str(args.adapt_steps),
-                 "--save_steps", "100000", "--report_to", "none"]  # fmt: skip
+                 "--save_steps", "100000", "--report_to", "none",
+                 *curve_overrides(args, args.adapt_eval_steps)]  # fmt: skip
     if not (folder / CONFIG_NAME).exists():
         args_ = parse_recipe(RECIPES / f"adapt-{variant}.yaml", overrides, types=ADAPT_TYPES)
-        _timed(out / f"adapt-{variant}.time.json", lambda: run_adaptation(*args_))
+        evaluator = RetrievalEvaluator.from_args(args_[-1])
+        _timed(out / f"adapt-{variant}.time.json",
+               lambda: run_adaptation(*args_, evaluator=evaluator))  # fmt: skip
     return folder
 
 
@@ -128,24 +155,20 @@ def train(args, variant: str, loss: str, model: Path, groups: Path, out: Path) -
         raise FileNotFoundError(f"{recipe}: no {loss!r} recipe for the {variant!r} variant")
     overrides = ["--model_name_or_path", str(model), "--train_data", str(groups),
                  "--output_dir", str(folder), "--model_dtype", args.dtype,
-                 "--max_steps", str(steps[-1]), "--save_steps", str(min(steps)),
-                 "--save_total_limit", "1000", "--report_to", "none",
+                 "--max_steps", str(steps[-1]), "--save_steps", str(steps[-1]),
+                 "--report_to", "none", *curve_overrides(args, args.eval_steps),
                  *args.train_overrides]  # fmt: skip
     if not (folder / CONFIG_NAME).exists():
+        parsed = parse_recipe(recipe, overrides)
+        evaluator = RetrievalEvaluator.from_args(parsed[-1])
         _timed(out / f"train-{variant}-{loss}.time.json",
-               lambda: run_training(*parse_recipe(recipe, overrides)))  # fmt: skip
+               lambda: run_training(*parsed, evaluator=evaluator))  # fmt: skip
     return folder
 
 
-def checkpoint(folder: Path, step: int, last: int) -> Path:
-    """The model at `step`: the run's folder at its last step, else its checkpoint of that step."""
-    if step == last and (folder / CONFIG_NAME).exists():
-        return folder
-    return folder / f"checkpoint-{step}"
-
-
 def systems(args, out: Path) -> list[tuple[str, str, int, Path]]:
-    """(system name, variant-loss arm, step, model folder) of every model to evaluate."""
+    """(system name, variant-loss arm, step, model folder) of every model of the table: the adapted
+    model (step 0, when 0 is one of ``--steps``) and each arm's trained model (the last step)."""
     plain, scored = training_groups(args, out)
     rows = []
     last = max(args.steps)
@@ -156,21 +179,19 @@ def systems(args, out: Path) -> list[tuple[str, str, int, Path]]:
         for loss in args.losses:
             groups = scored if loss == "distill" else plain
             folder = train(args, variant, loss, adapted, groups, out)
-            for step in sorted(s for s in args.steps if s > 0):
-                name = f"{variant}-{loss}-step{step}"
-                rows.append((name, f"{variant}-{loss}", step, checkpoint(folder, step, last)))
+            if last > 0:
+                rows.append((f"{variant}-{loss}-step{last}", f"{variant}-{loss}", last, folder))
     return rows
 
 
 def evaluate_all(args, out: Path, rows) -> dict:
     eval_dir = out / "eval"
-    last = max(args.steps)
     overrides = {"doc_max_length": args.doc_max_length}
     baselines = [SystemSpec("bm25", None), SystemSpec("bm25-stem", None),
                  SystemSpec("splade-tiny", "splade-tiny")]  # fmt: skip
     evaluate(baselines, args.datasets, eval_dir, batch_size=args.eval_batch_size, latency_queries=0)
-    for name, arm, step, folder in rows:
-        datasets = args.datasets if step == last else args.curve_datasets
+    for name, arm, _step, folder in rows:
+        datasets = args.datasets
         # lexical documents run no forward pass: they keep the recipe's (whole-document) length
         arm_overrides = {} if arm.endswith("-lexdocs") else overrides
         evaluate([SystemSpec(name, str(folder))], datasets, eval_dir, dtype=args.dtype,
@@ -179,19 +200,61 @@ def evaluate_all(args, out: Path, rows) -> dict:
     return json.loads((eval_dir / "metrics.json").read_text())
 
 
-def _seconds(out: Path, arm: str, step: int, last: int) -> float | None:
+def _history(folder: Path) -> list[dict]:
+    """A run's evaluations (the trainer's eval/history.json), [] if it has none."""
+    file = folder / EVAL_HISTORY
+    return json.loads(file.read_text()) if file.exists() else []
+
+
+def _run_seconds(out: Path, run: str) -> float:
+    """Wall seconds of a run (`adapt-bi`, `train-bi-infonce`) without its evaluations."""
+    file = out / f"{run}.time.json"
+    if not file.exists():
+        return 0.0
+    spent = sum(h.get("eval_runtime", 0.0) for h in _history(out / run))
+    return json.loads(file.read_text())["seconds"] - spent
+
+
+def _seconds(out: Path, arm: str, step: int) -> float:
+    """Wall seconds of the model at `step` of `arm`: its adaptation, then its training if step > 0."""
     variant, _, loss = arm.partition("-")
-    adapt_file = out / f"adapt-{variant}.time.json"
-    seconds = json.loads(adapt_file.read_text())["seconds"] if adapt_file.exists() else 0.0
-    train_file = out / f"train-{variant}-{loss}.time.json"
-    if step and train_file.exists():
-        seconds += json.loads(train_file.read_text())["seconds"] * step / last
-    return seconds
+    seconds = _run_seconds(out, f"adapt-{variant}")
+    return seconds + (_run_seconds(out, f"train-{variant}-{loss}") if step else 0.0)
+
+
+def curves(args, out: Path) -> list[dict]:
+    """Every evaluation of the study's runs: arm, phase, step (adaptation steps count up to 0, where
+    training starts), minutes since the adaptation began (evaluations excluded) and the metrics."""
+    points = []
+    for variant in args.variants:
+        adapt_seconds = _run_seconds(out, f"adapt-{variant}")
+        for h in _history(out / f"adapt-{variant}"):
+            step, minutes = h["step"] - args.adapt_steps, h["eval_train_seconds"] / 60
+            points.append({**h, "arm": f"{variant}-adapted", "phase": "adapt", "step": step,
+                           "minutes": minutes})  # fmt: skip
+        for loss in args.losses:
+            for h in _history(out / f"train-{variant}-{loss}"):
+                minutes = (adapt_seconds + h["eval_train_seconds"]) / 60
+                points.append({**h, "arm": f"{variant}-{loss}", "phase": "train",
+                               "minutes": minutes})  # fmt: skip
+    return points
+
+
+def slice_bm25(args) -> dict[str, float]:
+    """BM25's nDCG@10 on each curve slice (the slices the evaluator draws), by dev-set name."""
+    scores = {}
+    for name in args.curve_datasets:
+        data = load_beir(find_dataset(name), split=args.curve_split)
+        data, _ = slice_data(data, args.curve_docs, args.curve_queries)
+        run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=100)
+        scores[f"{Path(name).name}-{args.curve_split}"] = evaluate_run(data.qrels, run).mean[
+            "ndcg_cut_10"
+        ]
+    return scores
 
 
 def report(args, out: Path, rows, metrics: dict) -> Path:
-    """table.md (nDCG@10 and its ratio to BM25 per data set) and learning_curves.png."""
-    last = max(args.steps)
+    """table.md (nDCG@10 and its ratio to BM25 per data set), curves.md and learning_curves.png."""
     bm25 = metrics["bm25"]
     header = "| system | step | wall min | " + " | ".join(args.datasets) + " |"
     lines = [header, "|" + "---|" * (3 + len(args.datasets))]
@@ -209,14 +272,34 @@ def report(args, out: Path, rows, metrics: dict) -> Path:
             f"| {name} | – | – | " + " | ".join(cell(name, d) for d in args.datasets) + " |"
         )
     for name, arm, step, _folder in rows:
-        minutes = _seconds(out, arm, step, last) / 60
+        minutes = _seconds(out, arm, step) / 60
         cells = " | ".join(cell(name, d) for d in args.datasets)
         lines.append(f"| {arm} | {step} | {minutes:.0f} | {cells} |")
     table = out / "table.md"
     caption = f"nDCG@10 (ratio to BM25 in the same run). Trained on {_training_data(args, out)}."
     write_text_atomic(table, "\n".join(lines) + f"\n\n{caption}\n")
-    _plot(args, out, rows, metrics)
+    points, bm25_slices = curves(args, out), slice_bm25(args)
+    _curves_table(out, points, bm25_slices)
+    _plot(args, out, points, bm25_slices)
     return table
+
+
+def _curves_table(out: Path, points: list[dict], bm25_slices: dict[str, float]) -> None:
+    """curves.md: one row per evaluation, nDCG@10 per slice and of the own vectors."""
+    sets = list(bm25_slices)
+    columns = [(f"eval_{s}_ndcg@10", s) for s in sets]
+    columns += [(f"eval_{s}_own_ndcg@10", f"{s} own") for s in sets
+                if any(f"eval_{s}_own_ndcg@10" in p for p in points)]  # fmt: skip
+    lines = ["| arm | phase | step | min | " + " | ".join(c for _, c in columns) + " |",
+             "|" + "---|" * (4 + len(columns)),
+             "| BM25 | – | – | – | " + " | ".join(f"{bm25_slices[s]:.3f}" for s in sets)
+             + " |" * (len(columns) - len(sets) + 1)]  # fmt: skip
+    for p in points:
+        cells = " | ".join(f"{p[k]:.3f}" if k in p else "–" for k, _ in columns)
+        lines.append(f"| {p['arm']} | {p['phase']} | {p['step']} | {p['minutes']:.1f} | {cells} |")
+    caption = ("nDCG@10 on slices during adaptation (steps up to 0) and training, evaluated by the "
+               "trainers; minutes of adaptation + training, evaluations excluded.")  # fmt: skip
+    write_text_atomic(out / "curves.md", "\n".join(lines) + f"\n\n{caption}\n")
 
 
 def _training_data(args, out: Path) -> str:
@@ -238,32 +321,30 @@ def _n_groups(groups: Path) -> int:
         return sum(map(_has_negative, f))
 
 
-def _plot(args, out: Path, rows, metrics: dict) -> None:
+def _plot(args, out: Path, points: list[dict], bm25_slices: dict[str, float]) -> None:
+    """learning_curves.png: per slice, nDCG@10 over steps for each arm (own vectors dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(args.datasets), figsize=(4 * len(args.datasets), 3.4))
-    for ax, dataset in zip(list(getattr(axes, "flat", [axes])), args.datasets, strict=True):
-        for arm in dict.fromkeys(a for _, a, _, _ in rows if not a.endswith("adapted")):
-            variant = arm.split("-")[0]
-            points = [(s, metrics.get(n, {}).get(dataset, {}).get("ndcg_cut_10"))
-                      for n, a, s, _ in rows if a in (arm, f"{variant}-adapted")]  # fmt: skip
-            points = [(s, v) for s, v in points if v is not None]
-            if points:
-                ax.plot(*zip(*sorted(points), strict=True), marker="o", label=arm)
-        ax.axhline(metrics["bm25"][dataset]["ndcg_cut_10"], color="k", ls="--", label="BM25")
-        if dataset in metrics.get("bm25-stem", {}):
-            ax.axhline(metrics["bm25-stem"][dataset]["ndcg_cut_10"], color="k", ls=":",
-                       label="BM25, stemmed")  # fmt: skip
-        ax.set_title(dataset)
-        ax.set_xlabel("training steps")
-    axes_list = list(getattr(axes, "flat", [axes]))
-    axes_list[0].set_ylabel("nDCG@10")
-    handles, labels = axes_list[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    sets = list(bm25_slices)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.4), squeeze=False)
+    for ax, name in zip(axes.flat, sets, strict=True):
+        for arm in dict.fromkeys(p["arm"] for p in points):
+            for key, style, label in ((f"eval_{name}_ndcg@10", "-", arm),
+                                      (f"eval_{name}_own_ndcg@10", "--", f"{arm} own")):  # fmt: skip
+                line = [(p["step"], p[key]) for p in points if p["arm"] == arm and key in p]
+                if line:
+                    ax.plot(*zip(*sorted(line), strict=True), style, marker="o", label=label)
+        ax.axhline(bm25_slices[name], color="k", ls=":", label="BM25")
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_title(f"{name} (slice)")
+        ax.set_xlabel("steps (adaptation < 0 < training)")
+    axes.flat[0].set_ylabel("nDCG@10")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     save_png(fig, out / "learning_curves.png")
     plt.close(fig)
 
@@ -273,9 +354,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/study")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
-    p.add_argument("--steps", nargs="+", type=int, default=[0, 100, 300])
+    p.add_argument(
+        "--steps",
+        nargs="+",
+        type=int,
+        default=[0, 100, 300],
+        help="the table's steps (0: the adapted model; the largest: training length)",
+    )
+    p.add_argument(
+        "--eval-steps",
+        type=int,
+        default=None,
+        help="training steps between curve points (default: the gcd of --steps)",
+    )
+    p.add_argument("--adapt-eval-steps", type=int, default=25)
     p.add_argument("--datasets", nargs="+", default=["scifact", "nfcorpus", "cranfield", "adi"])
-    p.add_argument("--curve-datasets", nargs="+", default=None, help="for steps before the last")
+    p.add_argument("--curve-datasets", nargs="+", default=None, help="slices of the curves")
+    p.add_argument("--curve-split", default="test")
+    p.add_argument("--curve-queries", type=int, default=100)
+    p.add_argument("--curve-docs", type=int, default=1000)
     p.add_argument("--train-data", nargs="+", default=["scifact", "nfcorpus"])
     p.add_argument("--pseudo", choices=("title", "sentence"), default=None)
     p.add_argument("--pseudo-queries", type=int, default=None)
@@ -287,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _logging.configure()
     args.curve_datasets = args.curve_datasets or args.datasets
+    args.eval_steps = args.eval_steps or math.gcd(*(s for s in args.steps if s > 0)) or 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = systems(args, out)

@@ -73,3 +73,53 @@ def test_each_loss_has_its_recipe_and_lexdocs_keeps_its_document_length(tmp_path
             ("bi-lexdocs-step50", "bi-lexdocs", 50, tmp_path / "b")]  # fmt: skip
     study.evaluate_all(args, tmp_path / "study", rows)
     assert calls[1:] == [("bi-infonce-step50", {"doc_max_length": 256}), ("bi-lexdocs-step50", {})]
+
+
+def test_curves_come_from_the_runs_eval_histories(tmp_path, data_root):
+    """The curve keys parse into an evaluator of slices; curves.md and the plot read each run's
+    eval/history.json (adaptation steps before 0, minutes without the evaluations' time)."""
+    from csplade.evaluation.during_training import RetrievalEvaluator
+    from csplade.training.recipe import parse_recipe
+
+    study = _study()
+    args = argparse.Namespace(variants=["bi"], losses=["lexdocs"], adapt_steps=100,
+                              curve_datasets=["adi"], curve_split="test", curve_queries=5,
+                              curve_docs=30, doc_max_length=64, eval_batch_size=4)  # fmt: skip
+    parsed = parse_recipe(None, ["--output_dir", str(tmp_path), *study.curve_overrides(args, 50)])
+    evaluator = RetrievalEvaluator.from_args(parsed[-1])
+    assert [(d.name, len(d.data.queries), len(d.data.doc_ids)) for d in evaluator.dev_sets] == [
+        ("adi-test", 5, 30)
+    ]
+    assert evaluator.own_vectors and evaluator.doc_max_length == 64
+    assert parsed[-1].eval_steps == 50 and parsed[-1].eval_on_start
+
+    out = tmp_path / "study"
+    for run, seconds, history in (
+        ("adapt-bi", 70.0, [(0, 0.0, 0.1, None), (100, 50.0, 0.2, None)]),
+        ("train-bi-lexdocs", 130.0, [(0, 0.0, 0.3, 0.05), (50, 110.0, 0.4, 0.07)]),
+    ):
+        entries = [{"step": step, "eval_train_seconds": t, "eval_runtime": 10.0,
+                    "eval_adi-test_ndcg@10": ndcg}
+                   | ({"eval_adi-test_own_ndcg@10": own} if own is not None else {})
+                   for step, t, ndcg, own in history]  # fmt: skip
+        (out / run / "eval").mkdir(parents=True)
+        (out / run / "eval" / "history.json").write_text(json.dumps(entries))
+        (out / f"{run}.time.json").write_text(json.dumps({"seconds": seconds}))
+    points = study.curves(args, out)
+    assert [(p["arm"], p["step"]) for p in points] == [
+        ("bi-adapted", -100),
+        ("bi-adapted", 0),
+        ("bi-lexdocs", 0),
+        ("bi-lexdocs", 50),
+    ]
+    # training minutes count from the adaptation's start: its 70 s less its 2 evaluations of 10 s
+    assert [round(p["minutes"] * 60) for p in points] == [0, 50, 50, 160]
+    assert study._seconds(out, "bi-lexdocs", 50) == 50 + 110
+    bm25 = study.slice_bm25(args)
+    assert list(bm25) == ["adi-test"] and 0 < bm25["adi-test"] < 1
+    study._curves_table(out, points, bm25)
+    table = (out / "curves.md").read_text().splitlines()
+    assert table[0] == "| arm | phase | step | min | adi-test | adi-test own |"
+    assert table[5] == "| bi-lexdocs | train | 0 | 0.8 | 0.300 | 0.050 |"
+    study._plot(args, out, points, bm25)
+    assert (out / "learning_curves.png").stat().st_size > 0

@@ -3,13 +3,15 @@
 `adapt` and `train` read a recipe YAML whose keys are the dataclass field names of
 csplade.training.arguments (and transformers.TrainingArguments); any `--key value` after the recipe overrides it. Both run under
 `accelerate launch` unchanged (`accelerate launch --config_file accelerate_configs/zero3.yaml -m csplade
-train RECIPE`).
+train RECIPE`). A recipe's ``eval_data`` is evaluated during training
+(docs/evaluation-during-training.md).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from csplade.evaluation.during_training import RetrievalEvaluator
 from csplade.training.adaptation import run_adaptation
 from csplade.training.contrastive import merge_adapter, run_training
 from csplade.training.recipe import ADAPT_TYPES, parse_recipe
@@ -47,7 +49,8 @@ def split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
 
 def _train(args: argparse.Namespace) -> int:
     model_args, loss_args, data_args, training_args = parse_recipe(*split_recipe(args.overrides))
-    out = run_training(model_args, loss_args, data_args, training_args)
+    evaluator = RetrievalEvaluator.from_args(training_args)  # dev sets load before the model
+    out = run_training(model_args, loss_args, data_args, training_args, evaluator=evaluator)
     if training_args.should_save:
         print(out)
     return 0
@@ -58,7 +61,8 @@ def _adapt(args: argparse.Namespace) -> int:
         *split_recipe(args.overrides),
         types=ADAPT_TYPES,
     )
-    out = run_adaptation(model_args, adapt_args, training_args)
+    evaluator = RetrievalEvaluator.from_args(training_args)  # dev sets load before the model
+    out = run_adaptation(model_args, adapt_args, training_args, evaluator=evaluator)
     if training_args.should_save:
         print(out)
     return 0

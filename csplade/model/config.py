@@ -9,7 +9,8 @@ and the saved settings are the same fields, declared once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -190,6 +191,14 @@ class SparseEncoderConfig(EncoderSettings):
                 f"{source}: unknown encoder setting(s) {unknown}; known: {', '.join(cls.field_names())}"
             )
         return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings by name (what transformers' report_to callbacks read from ``model.config``)."""
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        """As :meth:`to_dict`, in JSON (TensorBoard's callback logs it as the run's model config)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
 
     def with_overrides(self, **overrides: Any) -> SparseEncoderConfig:
         unknown = sorted(set(overrides) - set(self.field_names()))

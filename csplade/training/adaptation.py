@@ -63,6 +63,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,13 @@ from csplade.model.card import write_card
 from csplade.model.encoder import SparseEncoder
 from csplade.model.head import splade_activation
 from csplade.training.arguments import AdaptationArguments, ModelArguments
-from csplade.training.base import CheckpointingTrainer, NonFiniteLossError, resolve_resume
+from csplade.training.base import (
+    CheckpointingTrainer,
+    Evaluator,
+    NonFiniteLossError,
+    check_evaluator,
+    resolve_resume,
+)
 from csplade.training.distributed import check_joined, gathered
 from csplade.training.loading import load_encoder_for_training
 from csplade.training.losses import LexicalTargetLoss, own_share
@@ -451,6 +458,7 @@ def run_adaptation(
     model_args: ModelArguments,
     adapt_args: AdaptationArguments,
     training_args,
+    evaluator: Evaluator | None = None,
 ) -> Path:
     """Adapt the backbone a recipe describes on `adapt_data`; save and return its encoder folder.
 
@@ -459,6 +467,8 @@ def run_adaptation(
     The folder (``training_args.output_dir``) loads with :meth:`SparseEncoder.from_pretrained` and
     is a valid ``model_name_or_path`` for the contrastive ``train``: a merged model when
     ``merge_adapter`` (or without LoRA), else the LoRA adapter over ``model_name_or_path``.
+    `evaluator` (:mod:`csplade.evaluation.during_training`) runs every ``eval_steps`` on the model
+    as adaptation would save it then: with ``head_bias_df``, a bias calibrated as below.
     """
     if not training_args.output_dir:
         raise ValueError("output_dir is required (in the recipe or as --output_dir)")
@@ -466,6 +476,7 @@ def run_adaptation(
         raise ValueError(
             "adapt_data is required (corpus.jsonl, a BEIR folder or a plain-text file)"
         )
+    check_evaluator(training_args, evaluator)
     objective = resolve_objective(adapt_args.adapt_objective, model_args.variant)
     merge = adapt_args.merge_adapter and model_args.use_lora
     if merge and model_args.quantization != "none":
@@ -497,13 +508,16 @@ def run_adaptation(
     targets = None
     if adapt_args.lexical_weight > 0:
         texts, targets = _lexical_setup(encoder, texts, model_args, adapt_args, training_args.seed)
+    # evaluate the model with the bias its save would calibrate (the lexical objective trains the
+    # bias itself: its model is evaluated as it is)
+    eval_head_bias = None
+    if evaluator is not None and model_args.head_bias_df is not None and targets is None:
+        eval_head_bias = partial(_calibrate, texts=texts, doc_fraction=model_args.head_bias_df,
+                                 queries=model_args.head_bias_queries)  # fmt: skip
     trainer = AdaptationTrainer(
-        encoder,
-        args=training_args,
-        adapt_args=adapt_args,
-        lexical_targets=targets,
-        train_dataset=texts,
-    )
+        encoder, args=training_args, adapt_args=adapt_args, lexical_targets=targets,
+        train_dataset=texts, evaluator=evaluator, eval_head_bias=eval_head_bias,
+    )  # fmt: skip
     check_joined(trainer.accelerator)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     started = time.time()
@@ -524,6 +538,7 @@ def run_adaptation(
         "train_loss": result.training_loss,
         "seconds": round(time.time() - started, 2),
         "merged": bool(merge),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
         "adapt_args": asdict(adapt_args),
     }
     if targets is not None:

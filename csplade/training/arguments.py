@@ -11,13 +11,18 @@ A recipe is a YAML file whose keys are exactly the field names of these dataclas
   λ and warm-up.
 - :class:`DataArguments`: where training groups come from and how they are sampled.
 - :class:`AdaptationArguments`: the pre-contrastive adaptation phase.
+- :class:`EvaluationArguments`: the dev slices evaluated during training (both phases), read by
+  :mod:`csplade.evaluation.during_training`; a base of :class:`CspladeTrainingArguments`, next to
+  transformers' own ``eval_strategy`` / ``eval_steps`` / ``metric_for_best_model`` keys.
 - :class:`CspladeTrainingArguments`: `transformers.TrainingArguments` with csplade's defaults.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import TrainingArguments
 
@@ -271,9 +276,112 @@ class AdaptationArguments:
             )
 
 
+# --------------------------------------------------------------------------------------------------
+# Evaluation during training
+# --------------------------------------------------------------------------------------------------
+
+_SPLIT = re.compile(r"[\w.-]+")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One dev set to evaluate during training: a BEIR folder (or name), its split, its log name."""
+
+    data: str
+    split: str
+    name: str  # metrics are logged as eval_<name>_<metric>, e.g. eval_scifact-test_ndcg@10
+
+
 @dataclass
-class CspladeTrainingArguments(TrainingArguments):
-    """`transformers.TrainingArguments` with csplade's defaults (every HF field stays available)."""
+class EvaluationArguments:
+    """The dev slices the trainer evaluates every ``eval_steps`` (curves, best checkpoint).
+
+    When to evaluate and which checkpoint to keep are transformers' own keys: ``eval_strategy``,
+    ``eval_steps``, ``eval_on_start``, ``metric_for_best_model``, ``greater_is_better``,
+    ``load_best_model_at_end``, ``save_total_limit``; the encoding batch is
+    ``per_device_eval_batch_size``. docs/evaluation-during-training.md describes them.
+    """
+
+    eval_data: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "dev sets evaluated during training: BEIR folders or names under $CSPLADE_DATA, "
+            "each optionally with its own split as NAME:SPLIT (e.g. nfcorpus scifact:test); needs "
+            "eval_strategy steps or epoch"
+        },
+    )
+    eval_split: str = field(
+        default="dev", metadata={"help": "qrels split of the eval_data sets without a :SPLIT"}
+    )
+    eval_max_queries: int | None = field(
+        default=None, metadata={"help": "the first N judged queries of each dev set (None: all)"}
+    )
+    eval_max_docs: int | None = field(
+        default=None,
+        metadata={
+            "help": "documents per dev set: every judged document of the kept queries plus others "
+            "drawn at random (seed 0), as `csplade eval --max-docs` draws them (None: all)"
+        },
+    )
+    eval_own_vectors: bool = field(
+        default=False,
+        metadata={
+            "help": "with a lexical residual, also evaluate the model's own vectors (the residual "
+            "off on both sides, documents through the model), logged as eval_<set>_own_<metric>"
+        },
+    )
+    eval_doc_max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "document length of the documents the model encodes during evaluation (None: "
+            "the model's doc_max_length); lexical_docs documents keep the model's"
+        },
+    )
+
+    def eval_sets(self) -> list[EvalSet]:
+        """The dev sets of ``eval_data`` with their splits and (unique) log names."""
+        values = [self.eval_data] if isinstance(self.eval_data, str) else self.eval_data or []
+        sets = []
+        for value in values:
+            data, split = str(value), self.eval_split
+            head, sep, tail = data.rpartition(":")
+            if sep and head and _SPLIT.fullmatch(tail):
+                data, split = head, tail
+            sets.append(EvalSet(data, split, f"{Path(data.rstrip('/')).name or data}-{split}"))
+        names = [s.name for s in sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval_data: two dev sets share a name ({names}); rename a folder")
+        return sets
+
+    def check_evaluation(self, eval_strategy: str) -> None:
+        """Refuse settings that would evaluate nothing, or a slice of no size."""
+        for name in ("eval_max_queries", "eval_max_docs", "eval_doc_max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not _SPLIT.fullmatch(self.eval_split):
+            raise ValueError(
+                f"eval_split: expected a split name like dev or test, got {self.eval_split!r}"
+            )
+        sets = self.eval_sets()
+        if sets and eval_strategy == "no":
+            raise ValueError(
+                "eval_data is set but eval_strategy is 'no': set eval_strategy: steps and "
+                "eval_steps: N (or eval_strategy: epoch)"
+            )
+        if self.eval_own_vectors and not sets:
+            raise ValueError("eval_own_vectors needs eval_data")
+
+
+def _value(strategy) -> str:
+    """An interval/save strategy as its plain name ("no", "steps", "best" …), enum or string."""
+    return str(getattr(strategy, "value", strategy))
+
+
+@dataclass
+class CspladeTrainingArguments(TrainingArguments, EvaluationArguments):
+    """`transformers.TrainingArguments` with csplade's defaults (every HF field stays available),
+    plus the dev sets evaluated during training (:class:`EvaluationArguments`)."""
 
     output_dir: str | None = field(default=None, metadata={"help": "where checkpoints go"})
     remove_unused_columns: bool = False
@@ -295,4 +403,9 @@ class CspladeTrainingArguments(TrainingArguments):
                 launched_processes(),
             )
             self.use_cpu = True
+        sets = self.eval_sets()
+        best = self.load_best_model_at_end or _value(self.save_strategy) == "best"
+        if sets and best and self.metric_for_best_model is None:  # transformers would pick "loss"
+            self.metric_for_best_model = f"{sets[0].name}_ndcg@10"
         super().__post_init__()
+        self.check_evaluation(_value(self.eval_strategy))

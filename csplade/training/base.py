@@ -9,7 +9,13 @@ Both phases (:mod:`csplade.training.adaptation`, :mod:`csplade.training.contrast
   newest complete one (a checkpoint cut by a crash is never resumed from);
 - metrics recorded per micro-batch (:meth:`CheckpointingTrainer.record`), averaged over the
   micro-batches since the last log and over the processes, and logged with the loss;
-- a non-finite loss stops training with :class:`NonFiniteLossError`, which names the optimizer step.
+- a non-finite loss stops training with :class:`NonFiniteLossError`, which names the optimizer step;
+- evaluation during training (:meth:`CheckpointingTrainer.evaluate`, as sentence-transformers' trainer
+  runs its evaluator): an `evaluator` called on the encoder every ``eval_steps`` returns named metrics,
+  logged with the training metrics (TensorBoard too), one line per evaluation in the log and kept in
+  ``OUT/eval/history.json``; ``metric_for_best_model`` / ``load_best_model_at_end`` keep and restore
+  the best csplade checkpoint. The evaluator itself (dev slices, exact search, pytrec_eval) is
+  :mod:`csplade.evaluation.during_training`, built by the caller: this layer sees only a callable.
 
 Under DeepSpeed and FSDP the engines' own formats carry the exact resume (DeepSpeed's
 ``global_step*`` partitions, FSDP's ``pytorch_model_fsdp*`` files, with their optimizer states); the
@@ -21,16 +27,19 @@ csplade folder beside them holds the gathered weights (ZeRO-3 needs
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
+import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 from transformers import Trainer
 
@@ -43,6 +52,12 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "csplade_checkpoint_complete"
 RUN_INFO = "run_info.json"
+EVAL_HISTORY = (
+    Path("eval") / "history.json"
+)  # in a sub-folder: a final save replaces top-level files
+
+# encoder -> {metric name: value}; optionally with .metric_names(encoder) and .summary(metrics)
+Evaluator = Callable[[SparseEncoder], dict[str, float]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,9 +73,27 @@ class CheckpointingTrainer(Trainer):
 
     state_prefix = ""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        evaluator: Evaluator | None = None,
+        eval_head_bias: Callable[[SparseEncoder], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`evaluator`: run on the encoder every ``eval_steps`` (:meth:`evaluate`).
+        `eval_head_bias`: sets the encoder's head bias before each evaluation (the adaptation phase
+        calibrates its bias only when it saves: its curves evaluate the model as it would be saved);
+        the encoder's own bias is put back after."""
+        placeholder = evaluator is not None and kwargs.get("eval_dataset") is None
+        if placeholder:  # transformers refuses an eval_strategy without an eval_dataset
+            kwargs["eval_dataset"] = "csplade-evaluator"
         super().__init__(*args, **kwargs)
+        if placeholder:
+            self.eval_dataset = None
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.evaluator = evaluator
+        self.eval_head_bias = eval_head_bias
+        self._clock: list[float] | None = None  # [train() start, seconds spent evaluating]
         check_engine(self.accelerator)
         if self.is_zero3() and not self._zero3_gathers_on_save():
             raise ValueError(
@@ -68,6 +101,8 @@ class CheckpointingTrainer(Trainer):
                 "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config "
                 "(zero3_save_16bit_model: true in an accelerate config)"
             )
+        if evaluator is not None:
+            self._check_evaluation()
 
     def encoder(self) -> SparseEncoder:
         return self.accelerator.unwrap_model(self.model)
@@ -105,6 +140,86 @@ class CheckpointingTrainer(Trainer):
             encoder = rebuild()
         load_encoder_state(encoder, state)
         return encoder.to(self.args.device)
+
+    # ------------------------------------------------------------------ evaluation
+    def _check_evaluation(self) -> None:
+        """Before training: the best-checkpoint metric is one the evaluator logs."""
+        if self.eval_head_bias is not None and self.is_sharded():
+            raise ValueError(
+                "evaluation with a head bias calibrated per evaluation (adaptation with "
+                "head_bias_df) is not supported under DeepSpeed ZeRO-3 or FSDP"
+            )
+        wanted = self.args.metric_for_best_model
+        names = getattr(self.evaluator, "metric_names", None)
+        if wanted is None or names is None:
+            return
+        known = names(self.encoder())
+        if wanted.removeprefix("eval_") not in known:
+            raise ValueError(
+                f"metric_for_best_model {wanted!r} is not a metric of the evaluation; one of: "
+                f"{', '.join(known)}"
+            )
+
+    def train(self, *args: Any, **kwargs: Any):
+        self._clock = [time.perf_counter(), 0.0]
+        return super().train(*args, **kwargs)
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Run the evaluator on the encoder as it is now; log its metrics as `<prefix>_<name>`.
+
+        Also logged: ``<prefix>_runtime`` (seconds of this evaluation) and, during training,
+        ``<prefix>_train_seconds`` (wall seconds of training since train() began in this process,
+        evaluations excluded). Without an evaluator, the Trainer's own evaluation.
+        """
+        if self.evaluator is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        started = time.perf_counter()
+        values = self._run_evaluator()
+        seconds = time.perf_counter() - started
+        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in values.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(seconds, 2)
+        if self._clock is not None:
+            self._clock[1] += seconds
+            trained = started - self._clock[0] - (self._clock[1] - seconds)
+            metrics[f"{metric_key_prefix}_train_seconds"] = round(trained, 1)
+        if self.is_world_process_zero():
+            summary = getattr(self.evaluator, "summary", None)
+            text = (
+                summary(values) if summary else ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+            )
+            minutes = metrics.get(f"{metric_key_prefix}_train_seconds", 0.0) / 60
+            logger.info("evaluation at step %d (%.1f min of training; took %.0f s): %s",
+                        self.state.global_step, minutes, seconds, text)  # fmt: skip
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
+        if self.args.should_save:
+            history = [h for h in self.state.log_history if any(k.startswith("eval_") for k in h)]
+            write_json_atomic(Path(self.args.output_dir) / EVAL_HISTORY, history)
+        return metrics
+
+    def _run_evaluator(self) -> dict[str, float]:
+        """The evaluator's metrics, the same on every process.
+
+        Sharded weights (ZeRO-3, FSDP): every process evaluates (each forward gathers the shards on
+        all of them). Otherwise the main process evaluates while the others wait for its numbers
+        (the wait counts against the process group's ``ddp_timeout``).
+        """
+        if self.is_sharded() or self.accelerator.num_processes == 1:
+            return self._evaluate_encoder()
+        values = self._evaluate_encoder() if self.accelerator.is_main_process else None
+        return broadcast_object_list([values])[0]
+
+    def _evaluate_encoder(self) -> dict[str, float]:
+        encoder = self.encoder()
+        with _evaluation_head_bias(encoder, self.eval_head_bias):
+            return dict(self.evaluator(encoder))
 
     # ------------------------------------------------------------------ metrics
     def record(self, name: str, value: torch.Tensor | float) -> None:
@@ -174,6 +289,8 @@ class CheckpointingTrainer(Trainer):
         best = self.state.best_model_checkpoint
         if best:
             load_checkpoint_weights(self.encoder(), Path(best))
+            logger.info("restored the best checkpoint, %s (%s %.4f)", best,
+                        self.args.metric_for_best_model, self.state.best_metric)  # fmt: skip
 
     def write_run_info(self, info: dict[str, Any]) -> None:
         """`run_info.json` in the output folder (main process only), with the run's log history."""
@@ -188,6 +305,43 @@ class CheckpointingTrainer(Trainer):
                 "log_history": self.state.log_history,
             }
             write_json_atomic(Path(self.args.output_dir) / RUN_INFO, info, default=str)
+
+
+@contextlib.contextmanager
+def _evaluation_head_bias(
+    encoder: SparseEncoder, set_bias: Callable[[SparseEncoder], None] | None
+) -> Iterator[None]:
+    """Inside the block the encoder has the head bias `set_bias` gives it; its own after.
+
+    The encoder's own bias (the parameter the optimizer holds, or None) is put back as it was.
+    """
+    if set_bias is None:
+        yield
+        return
+    own, fingerprint = encoder.head_bias, encoder._fingerprint
+    try:
+        set_bias(encoder)
+        yield
+    finally:
+        encoder.head_bias = own
+        encoder._fingerprint = fingerprint
+
+
+def check_evaluator(args: Any, evaluator: Evaluator | None) -> None:
+    """Before anything loads: a recipe's ``eval_data`` needs the evaluator built from it, and an
+    ``eval_strategy`` needs something to evaluate."""
+    if getattr(args, "eval_data", None) and evaluator is None:
+        raise ValueError(
+            "eval_data is set but no evaluator was given: build it with "
+            "csplade.evaluation.during_training.RetrievalEvaluator.from_args(training_args) "
+            "(csplade train and csplade adapt do)"
+        )
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if evaluator is None and strategy != "no":
+        raise ValueError(
+            f"eval_strategy is {strategy!r} but there is nothing to evaluate: set eval_data (a "
+            "BEIR folder or a name under $CSPLADE_DATA)"
+        )
 
 
 def load_checkpoint_weights(encoder: SparseEncoder, folder: Path) -> None:

@@ -51,7 +51,9 @@ from csplade.training.arguments import (
 )
 from csplade.training.base import (
     CheckpointingTrainer,
+    Evaluator,
     NonFiniteLossError,
+    check_evaluator,
     remove_incomplete_checkpoints,
     resolve_resume,
 )
@@ -160,12 +162,18 @@ def run_training(
     loss_args: LossArguments,
     data_args: DataArguments,
     training_args: CspladeTrainingArguments,
+    evaluator: Evaluator | None = None,
 ) -> Path:
-    """Train the encoder a recipe describes; save it to `training_args.output_dir` and return that path."""
+    """Train the encoder a recipe describes; save it to `training_args.output_dir` and return that path.
+
+    `evaluator` (the recipe's ``eval_data``: :mod:`csplade.evaluation.during_training`) runs every
+    ``eval_steps``; with ``load_best_model_at_end`` the saved model is the best checkpoint's.
+    """
     if not training_args.output_dir:
         raise ValueError("output_dir is required (in the recipe or as --output_dir)")
     if not data_args.train_data:
         raise ValueError("train_data is required (a JSONL of groups or a BEIR folder)")
+    check_evaluator(training_args, evaluator)
     seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     dataset = load_training_groups(data_args, seed=seed)  # bad data fails before a model loads
     set_seed(training_args.seed)
@@ -199,6 +207,7 @@ def run_training(
         idf=idf,
         train_dataset=dataset,
         data_collator=GroupCollator(encoder.tokenize),
+        evaluator=evaluator,
     )
     check_joined(trainer.accelerator)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -214,6 +223,7 @@ def run_training(
             "train_seconds": round(elapsed, 2),
             "train_loss": result.training_loss,
             "resumed_from": resume,
+            "best_checkpoint": trainer.state.best_model_checkpoint,
             "model_args": asdict(model_args),
             "loss_args": asdict(loss_args),
             "data_args": asdict(data_args),
