@@ -9,7 +9,7 @@ Baseline: ``fused_head: false``, the naive head, which builds the (B, L, V) floa
 text: the tensors csplade built under ZeRO-3 before its fused head ran inside a module of its own (a
 trainable, partitioned LM head fell back to calling the module, which builds the same logits; with
 LoRA the old path crashed at the second step). Candidate: the fused head, its partitioned weight
-gathered for forward and backward by ZeRO-3's own hooks (csplade.model.output_head.HeadCall).
+gathered for forward and backward by ZeRO-3's own hooks (csplade.model.head.sharded.HeadCall).
 
 Model: a 2-layer random Llama with SmolLM2's tokenizer and vocabulary (V = 49,152;
 _measure.build_tiny_model), full fine-tune (the head trains), DeepSpeed ZeRO-3 with

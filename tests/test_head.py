@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from csplade.model.head import (
+from csplade.model.head.pooling import (
     _MaskedMaxLogits,
     _MaskedSumActivated,
     fused_max_pool,

@@ -322,7 +322,7 @@ def test_lexical_docs_are_their_residual_and_run_no_forward(tiny_encoder_factory
 def test_training_with_lexical_docs_learns_the_queries_only(tmp_path, monkeypatch):
     """A `lexical_docs` run: the loss is given the documents' residual (no gradient path), FLOPS is
     not asked for documents, the head bias is calibrated on queries alone, and the setting is saved."""
-    from csplade.model import calibration
+    from csplade.model.head import calibration
     from csplade.training.contrastive import SparseTrainer
     from csplade.training.losses import regularization
 

@@ -12,9 +12,8 @@ import torch
 from probed_cli import NoVocabTensors
 from torch import nn
 
-from csplade.model import output_head
-from csplade.model.head import fused_max_pool, fused_sum_pool
-from csplade.model.output_head import head_parameters, head_params
+from csplade.model.head import fused_max_pool, fused_sum_pool, splade, weights
+from csplade.model.head.weights import head_parameters, head_params
 
 TEXTS = ["aa ab ac ad", "ba bb", "ca cb cc"]
 
@@ -60,8 +59,8 @@ def test_the_module_fallback_warns_once_with_its_reason(tiny_encoder_factory, ca
     encoder = tiny_encoder_factory().train()
     want = encoder(**_batch(encoder)).detach()
     encoder.base_model.lm_head = _OpaqueHead(encoder.base_model.lm_head)
-    output_head._WARNED.clear()
-    with caplog.at_level(logging.WARNING, logger="csplade.model.output_head"):
+    splade._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="csplade.model.head.splade"):
         got = encoder(**_batch(encoder))
         encoder(**_batch(encoder))
     warnings = [r.getMessage() for r in caplog.records if "(B, L, V)" in r.getMessage()]
@@ -83,7 +82,7 @@ def test_a_partitioned_head_is_found_but_never_read_ungathered():
     assert head_parameters(head) == [head.weight]  # by its full shape: the fused head applies
     with pytest.raises(RuntimeError, match="partitioned by DeepSpeed ZeRO-3 and not gathered"):
         head_params(head)
-    assert output_head.vocab_size(_WithHead(head)) == 16
+    assert weights.vocab_size(_WithHead(head)) == 16
 
 
 class _WithHead(nn.Module):

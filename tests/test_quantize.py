@@ -20,7 +20,7 @@ from csplade.cli import quant as quant_cli
 from csplade.evaluation import quant_sweep
 from csplade.evaluation.quant_sweep import ROW_KEYS, SweepSettings, pareto_front, run_sweep
 from csplade.model.encoder import SparseEncoder
-from csplade.quantization.lm_head import QuantizedLMHead, TiedQuantizedEmbedding, module_counts
+from csplade.model.head.quantized import QuantizedLMHead, TiedQuantizedEmbedding, module_counts
 from csplade.quantization.loading import resolve_request
 from csplade.quantization.modes import MODES, parameter_bytes, quiet_int8_cast_notice
 

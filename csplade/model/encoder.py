@@ -9,12 +9,13 @@ causal LLMs, whose token at position i sees only tokens ≤ i, and adds two reme
 - ``bi``: the causal mask is swapped for a bidirectional one (:mod:`csplade.model.bidirectional`);
 - ``echo``: the text is fed twice and only the second copy is pooled (:mod:`csplade.model.inputs`).
 
-The head is computed by :func:`csplade.model.head.sparse_pool`, chunked over the vocabulary so the
-(B, L, V) logits are never materialised (the memory wall at LLM scale: Llama-3's 128,256 terms).
+The head (:mod:`csplade.model.head`) is chunked over the vocabulary so the (B, L, V) logits are never
+materialised (the memory wall at LLM scale: Llama-3's 128,256 terms); it also holds the quantized head,
+the per-term bias calibration and the module call through which sharding engines gather the LM head.
 `encode` turns texts into a scipy CSR matrix, batched longest first.
 
-Inference-free models (``doc_only=True``, arXiv 2411.04403): the query side does no forward pass; a query's
-vector holds, for each distinct token of the query, a stored per-token weight (IDF by default; 1 if none).
+Inference-free models (``doc_only=True``, :mod:`csplade.model.inference_free`): the query side does no
+forward pass.
 
 Lexical documents (``lexical_residual`` with ``lexical_docs``): the mirror image. A document's vector is
 its lexical residual alone (BM25 on its tokens, :mod:`csplade.model.lexical`) and no forward pass runs
@@ -23,9 +24,7 @@ and expansion) on top of their IDF residual. The index is BM25 on the model's to
 accelerator and over whole documents.
 
 Known limits: the fused head needs a plain floating-point LM-head weight (a quantized head falls back to
-calling the module, with a warning once, chunked over positions when no gradient is needed). Sharded
-weights (DeepSpeed ZeRO-3, FSDP2) are gathered by the engines themselves: see
-:mod:`csplade.model.output_head`.
+calling the module: :mod:`csplade.model.head.splade`).
 """
 
 from __future__ import annotations
@@ -43,25 +42,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from csplade.model import calibration, inputs
+from csplade.model import inference_free, inputs
 from csplade.model import io as model_io
 from csplade.model import lexical as lexical_mod
 from csplade.model.backbones import detect_kind
 from csplade.model.bidirectional import make_bidirectional
 from csplade.model.config import ADDED_SETTINGS, SparseEncoderConfig
-from csplade.model.head import max_pooled_logits, sparse_pool
-from csplade.model.output_head import (
-    HeadCall,
-    head_parameters,
-    head_params,
-    is_partitioned,
-    module_head,
-    naive_reason,
-    softcap_of,
-    unwrap,
-    vocab_size,
-    warn_module_head,
-)
+from csplade.model.head import calibration
+from csplade.model.head.sharded import HeadCall
+from csplade.model.head.splade import bias_copy, splade_head
+from csplade.model.head.weights import unwrap, vocab_size
 from csplade.model.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -132,7 +122,7 @@ class SparseEncoder(nn.Module):
             make_bidirectional(backbone)
         # Lower blocks' outputs per text when they are frozen (csplade.model.prefix_cache); None: off
         self.prefix_cache: PrefixCache | None = None
-        # The head runs as this module's call, so ZeRO-3 gathers its weight (csplade.model.output_head).
+        # The head runs as this module's call, so ZeRO-3 gathers its weight (csplade.model.head.sharded).
         self.head_call = HeadCall()
         self.head_calls: Counter[str] = Counter()  # head path -> calls: fused | naive | module
         self._fingerprint: str | None = None
@@ -191,7 +181,9 @@ class SparseEncoder(nn.Module):
             if self.lexical is not None:  # without them the forward fails (calibration needs none)
                 ids = batch["input_ids"]
                 if self.config.lexical_analyzer != "tokens":
-                    ids, text_mask = self._lexical_ids(texts, kind)
+                    limit = inputs.max_length(self.config, kind)
+                    rows = [row[:limit] for row in self.lexical_rows(texts)]
+                    ids, text_mask = inputs.pad_rows(rows, self._pad_id)
                     batch["lexical_ids"] = ids
                 batch["lexical"] = lexical_mod.position_weights(
                     ids,
@@ -207,33 +199,27 @@ class SparseEncoder(nn.Module):
         """The token ids the lexical residual reads for each of `texts`, untruncated."""
         return lexical_mod.analyzed_rows(self.tokenizer, texts, self.config.lexical_analyzer)
 
-    def fit_lexical(self, texts: Sequence[str], batch_size: int = 1024) -> None:
-        """Re-estimate the lexical residual's IDF and document lengths on `texts`, the collection
-        about to be indexed, as BM25 does on the collection it searches (the weights saved with the
-        model are its training documents'). The fingerprint, hence an index's identity, changes."""
+    def fit_lexical(self, texts: Iterable[str], batch_size: int = 1024) -> None:
+        """Estimate the lexical residual's IDF and document lengths on `texts`: the training documents,
+        or a collection about to be indexed, as BM25 does on the collection it searches (the weights
+        saved with the model are its training documents'). The fingerprint, hence an index's
+        identity, changes."""
         if not self.config.lexical_residual:
             raise ValueError("fit_lexical: this encoder has no lexical residual (lexical_residual)")
-        batches = range(0, len(texts), batch_size)
-        rows = (
-            row
-            for lo in tqdm(batches, desc="lexical statistics", unit="batch", leave=False)
-            for row in self.lexical_rows(texts[lo : lo + batch_size])
+        analyzer = self.config.lexical_analyzer
+        rows = lexical_mod.token_rows(
+            self.tokenizer, texts, analyzer, batch_size, desc="lexical statistics"
         )
         self.lexical = lexical_mod.statistics(rows, self.vocab_size)
         self._fingerprint = None
 
-    def _lexical_ids(self, texts: Sequence[str], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L') ids of `texts` under a word analyzer, cut at the kind's max length and padded,
-        and the mask of the real ones."""
-        limit = inputs.max_length(self.config, kind)
-        rows = [row[:limit] for row in self.lexical_rows(texts)]
-        width = max([len(row) for row in rows] + [1])
-        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = True
-        return ids, mask
+    def document_idf(self, texts: Iterable[str], batch_size: int = 1024) -> torch.Tensor:
+        """BM25's IDF (V,) float32 of every token id over the documents `texts` (> 0 everywhere): the
+        query weights of an inference-free model (arXiv 2411.04403) and what ``idf_flops`` divides by."""
+        rows = lexical_mod.token_rows(
+            self.tokenizer, texts, "tokens", batch_size, desc="document frequencies"
+        )
+        return lexical_mod.token_idf(rows, self.vocab_size)
 
     # ------------------------------------------------------------------ forward
     def _hidden_states(
@@ -377,87 +363,28 @@ class SparseEncoder(nn.Module):
             pool_mask = attention_mask.bool()
         hidden, out_emb = self._hidden_states(input_ids, attention_mask)  # (B, L, H)
         pool_mask = pool_mask.to(hidden.device) & attention_mask.bool().to(hidden.device)
-        softcap = softcap_of(self.base_model)
-        params = head_parameters(out_emb)
-        if params is None:
-            if raw:
-                raise ValueError(
-                    "pooled_logits needs a plain LM-head weight (not a quantized head)"
-                )
-            self._count_head("module", naive_reason(out_emb))
-            return self._module_head(hidden, out_emb, pool_mask, softcap)
-        if any(is_partitioned(p) for p in params):  # ZeRO-3: head_call's hooks gather them
-            self.head_call.register(params)
-        self._count_head("fused" if self.config.fused_head or raw else "naive")
-        return self.head_call(self._head_from_weight, hidden, pool_mask, out_emb, softcap, raw)
-
-    def _count_head(self, path: str, reason: str | None = None) -> None:
-        """Count which head ran; the (B, L, V) module fallback under autograd warns once per reason."""
-        self.head_calls[path] += 1
-        if path == "module" and torch.is_grad_enabled():
-            warn_module_head(reason, self.vocab_size)
+        return splade_head(
+            hidden,
+            pool_mask,
+            out_emb,
+            self.base_model,
+            head_bias=self.head_bias,
+            config=self.config,
+            head_call=self.head_call,
+            calls=self.head_calls,
+            raw=raw,
+        )
 
     def head_bias_tensor(self) -> torch.Tensor | None:
-        """A float32 copy (V,) of the head bias made in a module call (gradient flows to it), or None.
-
-        For code that uses the bias outside this encoder's forward (the adaptation loss): under
-        ZeRO-3 the parameter itself is a partition there; :attr:`head_call` gathers it for the copy.
-        """
-        if self.head_bias is None:
-            return None
-        if is_partitioned(self.head_bias):
-            self.head_call.register([self.head_bias])
-        return self.head_call(lambda: self.head_bias.float().clone())
-
-    def _head_from_weight(self, hidden, pool_mask, out_emb, softcap, raw=False) -> torch.Tensor:
-        """The head on the output embeddings' weight (inside :attr:`head_call`, where it is gathered)."""
-        return self._pool(hidden, head_params(out_emb), pool_mask, softcap, raw)
-
-    def _pool(self, hidden, params, pool_mask, softcap, raw=False) -> torch.Tensor:
-        weight, bias = params
-        if self.head_bias is not None:
-            head_bias = self.head_bias.to(
-                weight.dtype if weight.is_floating_point() else torch.float32
-            )
-            bias = head_bias if bias is None else bias + head_bias
-        scale = self.config.logit_scale
-        if scale != 1.0:  # scale * (W h + b) == W (scale * h) + scale * b
-            hidden = hidden * scale
-            bias = None if bias is None else bias * scale
-        if raw:
-            chunk = self.config.head_chunk_size
-            return max_pooled_logits(
-                hidden, weight, pool_mask, bias, softcap=softcap, chunk_size=chunk
-            )
-        return sparse_pool(
-            hidden,
-            weight,
-            pool_mask,
-            bias,
-            pooling=self.config.pooling,
-            fused=self.config.fused_head,
-            softcap=softcap,
-            chunk_size=self.config.head_chunk_size,
-        )
-
-    def _module_head(self, hidden, out_emb, pool_mask, softcap) -> torch.Tensor:
-        """Head for output embeddings that are not a plain linear map (e.g. a quantized LM head)."""
-        return module_head(
-            out_emb,
-            hidden,
-            pool_mask,
-            head_bias=self.head_bias,
-            logit_scale=self.config.logit_scale,
-            softcap=softcap,
-            pooling=self.config.pooling,
-            vocab=self.vocab_size,
-        )
+        """A float32 copy (V,) of the head bias (gradient flows to it), or None: for the adaptation
+        loss, which reads the bias outside this forward (:func:`csplade.model.head.splade.bias_copy`)."""
+        return bias_copy(self.head_bias, self.head_call)
 
     # ------------------------------------------------------------------ head bias
     def raw_max_logits(
         self, texts: Sequence[str], kind: str = "doc", batch_size: int = 16
     ) -> torch.Tensor:
-        """See :func:`csplade.model.calibration.raw_max_logits`."""
+        """See :func:`csplade.model.head.calibration.raw_max_logits`."""
         return calibration.raw_max_logits(self, texts, kind=kind, batch_size=batch_size)
 
     def calibrate_head_bias(
@@ -467,7 +394,7 @@ class SparseEncoder(nn.Module):
         batch_size: int = 16,
         queries: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """See :func:`csplade.model.calibration.calibrate_head_bias`."""
+        """See :func:`csplade.model.head.calibration.calibrate_head_bias`."""
         return calibration.calibrate_head_bias(self, texts, doc_fraction, batch_size, queries)
 
     def activation_checkpointing_enable(
@@ -505,36 +432,24 @@ class SparseEncoder(nn.Module):
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         was_training = self.training
         self.eval()
-        blocks: list[sp.csr_matrix] = []
-        n_truncated = 0
-        device = self.device
         bar = tqdm(
             total=len(texts), unit=kind, desc=f"encode {_PLURAL[kind]}", disable=not show_progress
         )
         try:
             with torch.inference_mode():
-                for start in range(0, len(order), batch_size):
-                    idx = order[start : start + batch_size]
-                    batch = self.tokenize([texts[i] for i in idx], kind=kind)
-                    n_truncated += int(batch.pop("n_truncated"))
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    q_reps, d_reps = self(**{kind: batch})  # (b, V) float32, one of them
-                    reps = q_reps if kind == "query" else d_reps
-                    blocks.append(_to_csr(_prune(reps, top_k, threshold)))
-                    bar.update(len(idx))
+                blocks, n_truncated = self._encode_in_order(
+                    texts, order, kind, batch_size, bar, top_k, threshold
+                )
         finally:
             bar.close()
             self.train(was_training)
         if n_truncated:
-            max_len = (
-                self.config.query_max_length if kind == "query" else self.config.doc_max_length
-            )
             logger.info(
                 "%d of %d %s were longer than %d tokens and truncated",
                 n_truncated,
                 len(texts),
                 _PLURAL[kind],
-                max_len,
+                inputs.max_length(self.config, kind),
             )
         stacked = sp.vstack(blocks, format="csr")
         inverse = np.empty(len(order), dtype=np.int64)
@@ -542,6 +457,22 @@ class SparseEncoder(nn.Module):
         out = stacked[inverse]
         out.sort_indices()
         return out.astype(np.float32)
+
+    def _encode_in_order(self, texts, order, kind, batch_size, bar, top_k, threshold):
+        """CSR blocks of `texts` taken in `order`, `batch_size` at a time, and how many were cut."""
+        blocks: list[sp.csr_matrix] = []
+        n_truncated = 0
+        device = self.device
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = self.tokenize([texts[i] for i in idx], kind=kind)
+            n_truncated += int(batch.pop("n_truncated"))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            q_reps, d_reps = self(**{kind: batch})  # (b, V) float32, one of them
+            reps = q_reps if kind == "query" else d_reps
+            blocks.append(_to_csr(_prune(reps, top_k, threshold)))
+            bar.update(len(idx))
+        return blocks, n_truncated
 
     def encode_queries(self, texts: Sequence[str], **kwargs: Any) -> sp.csr_matrix:
         return self.encode(texts, kind="query", **kwargs)
@@ -552,42 +483,14 @@ class SparseEncoder(nn.Module):
     def query_token_weights(
         self, input_ids: torch.Tensor, token_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Doc-only query vectors (B, V): the stored weight of each distinct query token.
-
-        `token_mask` (B, L) marks the query's own tokens (the `pool_mask` of :meth:`tokenize`).
-        """
-        vocab = self.vocab_size
-        weights = self.query_weights
-        if weights is None:
-            weights = torch.ones(vocab)
-        weights = weights.to(input_ids.device)
-        present = torch.zeros((input_ids.shape[0], vocab), device=input_ids.device)  # (B, V)
-        present.scatter_reduce_(1, input_ids, token_mask.to(present.dtype), reduce="amax")
-        return present * weights  # (B, V)
+        """Doc-only query vectors (B, V): :func:`csplade.model.inference_free.query_vectors`."""
+        return inference_free.query_vectors(
+            input_ids, token_mask, self.query_weights, self.vocab_size
+        )
 
     def _encode_doc_only_queries(self, texts, top_k, threshold) -> sp.csr_matrix:
-        vocab = self.vocab_size
-        weights = self.query_weights
-        weights = np.ones(vocab, np.float32) if weights is None else weights.cpu().numpy()
-        max_len = self.config.query_max_length
-        rows, cols, vals = [], [], []
-        n_truncated = 0
-        content = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        for r, ids in enumerate(content):
-            if len(ids) > max_len:
-                n_truncated += 1
-                ids = ids[:max_len]
-            uniq = np.unique(np.asarray(ids, dtype=np.int64))
-            uniq = uniq[weights[uniq] != 0] if uniq.size else uniq
-            rows.extend([r] * len(uniq))
-            cols.extend(uniq.tolist())
-            vals.extend(weights[uniq].tolist())
-        if n_truncated:
-            logger.info("%d of %d queries truncated to %d tokens", n_truncated, len(texts), max_len)
-        out = sp.csr_matrix(
-            (np.asarray(vals, np.float32), (np.asarray(rows), np.asarray(cols))),
-            shape=(len(texts), vocab),
-            dtype=np.float32,
+        out = inference_free.encode_queries(
+            self.tokenizer, texts, self.query_weights, self.vocab_size, self.config.query_max_length
         )
         if top_k is not None or threshold is not None:
             dense = torch.from_numpy(out.toarray())
@@ -693,14 +596,3 @@ def keep_top_k(reps: torch.Tensor, k: int) -> torch.Tensor:
 def _to_csr(reps: torch.Tensor) -> sp.csr_matrix:
     dense = reps.detach().float().cpu().numpy()
     return sp.csr_matrix(dense, dtype=np.float32)
-
-
-def iter_batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

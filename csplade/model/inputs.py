@@ -164,3 +164,14 @@ def tokenize(
     if with_text_mask:
         out["text_mask"] = text_mask
     return out
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L') ids of token-id rows padded with `pad_id` to the longest, and the mask of real ones."""
+    width = max([len(row) for row in rows] + [1])
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = True
+    return ids, mask

@@ -10,8 +10,8 @@ model card, ``README.md`` (:mod:`csplade.model.card`), and for masked-LM encoder
 written beside its target and renamed into place (:func:`csplade._io.atomic_folder`);
 :func:`push_to_hub` uploads one.
 
-Loading also applies a quantization mode (:mod:`csplade.quantization.modes`): a folder saved
-quantized reloads as saved.
+Loading also applies a quantization mode (:mod:`csplade.quantization.modes`; the quantized LM head:
+:mod:`csplade.model.head.quantized`): a folder saved quantized reloads as saved.
 
 The functions take the encoder (or its class) as their first argument; `SparseEncoder` exposes them
 as ``save_pretrained`` / ``from_pretrained`` / ``fingerprint``.
@@ -43,8 +43,14 @@ from csplade.model.config import (
     QUERY_WEIGHTS_NAME,
     SparseEncoderConfig,
 )
+from csplade.model.head.quantized import (
+    module_counts,
+    quantize_vocab_matrices,
+    refuse_inexact_save,
+)
 from csplade.model.st_files import write_st_files
 from csplade.quantization import loading as quantization
+from csplade.quantization.modes import check_mode, is_quantized, parameter_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -246,10 +252,46 @@ def load(
         head_bias=head_bias,
         lexical=lexical_weights,
     )
-    encoder = quantization.finish_loading(encoder, mode, quantize_head)
+    encoder = finish_quantized(encoder, mode, quantize_head)
     if device is not None:
         encoder.to(device)
     return encoder.eval()
+
+
+def finish_quantized(encoder: Any, mode: str, quantize_head: bool) -> Any:
+    """Quantize the head if asked and record the mode in ``encoder.config.extra``.
+
+    The last step of loading in a quantization mode (:mod:`csplade.quantization.loading`). Also keeps
+    bnb 4-bit weights in their standard layout, and makes saving refuse (with advice) a quantized head
+    that would not reload exactly (:class:`~csplade.model.head.quantized.QuantizedLMHead`, "Saving").
+    """
+    check_mode(mode)
+    if mode == "none":
+        return encoder
+    base = encoder.base_model
+    if quantize_head and is_quantized(mode):
+        dtype = next(
+            (p.dtype for p in base.parameters() if p.dtype.is_floating_point), torch.float32
+        )
+        quantize_vocab_matrices(base, mode, compute_dtype=dtype)
+        refuse_inexact_save(base, mode)
+    if mode in ("nf4", "fp4"):
+        quantization.keep_standard_4bit_layout(base)
+    # bf16 / fp16 cast the head with everything else: no separate head quantization to record.
+    record = {"mode": mode, "quantize_head": bool(quantize_head and is_quantized(mode))}
+    encoder.config = replace(
+        encoder.config, extra={**encoder.config.extra, quantization.EXTRA_KEY: record}
+    )
+    counts = module_counts(base)
+    logger.info(
+        "quantization=%s: %d of %d linear layers quantized, head %s, %.1f MiB of weights",
+        mode,
+        counts["quantized_linear"],
+        counts["quantized_linear"] + counts["float_linear"],
+        "quantized" if counts["quantized_head"] else "in float",
+        parameter_bytes(base) / 2**20,
+    )
+    return encoder
 
 
 def fingerprint(encoder: Any) -> str:

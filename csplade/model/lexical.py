@@ -31,16 +31,20 @@ batch while tokenizing (so training and encoding see the same); the word analysi
 from __future__ import annotations
 
 import functools
+import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from csplade.model.config import LEXICAL_ANALYZERS, LEXICAL_NAME
+
+logger = logging.getLogger(__name__)
 
 K1 = 1.2
 B = 0.75
@@ -109,6 +113,34 @@ class LexicalWeights:
 def bm25_idf(df: np.ndarray, n_docs: int) -> np.ndarray:
     """Lucene's BM25 IDF ``log(1 + (N - df + 0.5) / (df + 0.5))``: > 0 for every id, largest at df 0."""
     return np.log1p((n_docs - df + 0.5) / (df + 0.5))
+
+
+def token_rows(
+    tokenizer, texts: Iterable[str], analyzer: str, batch_size: int = 1024, desc: str = "tokens"
+) -> Iterator[list[int]]:
+    """:func:`analyzed_rows` of every text, tokenized a batch at a time, with progress."""
+    batch: list[str] = []
+    for text in tqdm(texts, desc=desc, unit="doc"):
+        batch.append(text)
+        if len(batch) == batch_size:
+            yield from analyzed_rows(tokenizer, batch, analyzer)
+            batch.clear()
+    if batch:
+        yield from analyzed_rows(tokenizer, batch, analyzer)
+
+
+def token_idf(token_rows: Iterable[list[int]], vocab: int) -> torch.Tensor:
+    """BM25's IDF (V,) float32 of every vocabulary id over documents given as token ids (> 0)."""
+    df = np.zeros(vocab, dtype=np.int64)
+    n_docs = 0
+    for row in token_rows:
+        if row:
+            df[np.unique(np.asarray(row, dtype=np.int64))] += 1
+        n_docs += 1
+    if n_docs == 0:
+        raise ValueError("cannot compute IDF: no documents")
+    logger.info("IDF over %d documents (%d distinct tokens seen)", n_docs, int((df > 0).sum()))
+    return torch.from_numpy(bm25_idf(df, n_docs).astype(np.float32))
 
 
 def statistics(token_rows: Iterable[list[int]], vocab: int) -> LexicalWeights:

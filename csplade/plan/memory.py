@@ -283,7 +283,7 @@ def head_path(workload: Workload) -> str:
 
     "fused" unless the recipe sets ``fused_head: false`` ("naive"). The engine does not change it:
     under ZeRO-3 and FSDP2 the engines gather the LM-head weight for the fused head themselves
-    (csplade.model.output_head.HeadCall), tied or not, frozen or trained. The module head
+    (csplade.model.head.sharded.HeadCall), tied or not, frozen or trained. The module head
     ("module", (B, L, V) like the naive one) needs an LM head without a plain weight, which training
     never has: QLoRA leaves the LM head unquantized (bitsandbytes skips it).
     """

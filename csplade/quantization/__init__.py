@@ -1,1 +1,4 @@
-"""Quantized inference: `modes` (names, packages, bytes), `lm_head`, `loading` (from_pretrained)."""
+"""Quantized inference: `modes` (names, packages, bytes), `loading` (what from_pretrained loads with).
+
+The quantized LM head itself lives with the head: :mod:`csplade.model.head.quantized`.
+"""

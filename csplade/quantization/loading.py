@@ -1,11 +1,12 @@
-"""Loading an encoder quantized: the three steps ``SparseEncoder.from_pretrained`` takes.
+"""Loading an encoder quantized: what ``SparseEncoder.from_pretrained`` asks of this package.
 
 1. :func:`resolve_request`: the (mode, quantize_head) to load with, from what the caller asked and
-   what the folder's ``csplade_config.json`` recorded under ``extra["quantization"]``;
+   what the folder's ``csplade_config.json`` recorded under ``extra["quantization"]`` (:data:`EXTRA_KEY`);
 2. :func:`backbone_load_kwargs`: the keyword arguments of the backbone's ``from_pretrained``
    (dtype, transformers' ``quantization_config``, bitsandbytes' device map);
-3. :func:`finish_loading`: quantize the LM head if asked (:mod:`csplade.quantization.lm_head`) and
-   record the mode in the encoder's config, so a saved folder reloads the same way.
+3. after loading, :func:`csplade.model.io.load` quantizes the LM head if asked
+   (:mod:`csplade.model.head.quantized`), keeps bnb 4-bit weights in their standard layout
+   (:func:`keep_standard_4bit_layout`) and records the mode, so a saved folder reloads the same way.
 
 The backbone saves and reloads through transformers' own serialization. Quantized encoders are for
 inference; QLoRA training loads its backbone through :mod:`csplade.training.loading`.
@@ -16,25 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from csplade.quantization.lm_head import (
-    module_counts,
-    quantize_vocab_matrices,
-    refuse_inexact_save,
-)
 from csplade.quantization.modes import (
     BNB_MODES,
     DTYPE_MODES,
     MODES,
     check_mode,
-    is_quantized,
-    parameter_bytes,
     quantization_config,
     require_backend,
 )
@@ -152,41 +145,7 @@ def backbone_load_kwargs(
     return kwargs
 
 
-def finish_loading(encoder: Any, mode: str, quantize_head: bool) -> Any:
-    """Quantize the head if asked and record the mode in ``encoder.config.extra``.
-
-    `encoder` is a SparseEncoder (``base_model``, ``config``). Also keeps bnb 4-bit weights in their
-    standard layout, and makes saving refuse (with advice) a quantized head that would not reload
-    exactly (:class:`~csplade.quantization.lm_head.QuantizedLMHead`, "Saving").
-    """
-    check_mode(mode)
-    if mode == "none":
-        return encoder
-    base = encoder.base_model
-    if quantize_head and is_quantized(mode):
-        dtype = next(
-            (p.dtype for p in base.parameters() if p.dtype.is_floating_point), torch.float32
-        )
-        quantize_vocab_matrices(base, mode, compute_dtype=dtype)
-        refuse_inexact_save(base, mode)
-    if mode in ("nf4", "fp4"):
-        _keep_standard_4bit_layout(base)
-    # bf16 / fp16 cast the head with everything else: no separate head quantization to record.
-    record = {"mode": mode, "quantize_head": bool(quantize_head and is_quantized(mode))}
-    encoder.config = replace(encoder.config, extra={**encoder.config.extra, EXTRA_KEY: record})
-    counts = module_counts(base)
-    logger.info(
-        "quantization=%s: %d of %d linear layers quantized, head %s, %.1f MiB of weights",
-        mode,
-        counts["quantized_linear"],
-        counts["quantized_linear"] + counts["float_linear"],
-        "quantized" if counts["quantized_head"] else "in float",
-        parameter_bytes(base) / 2**20,
-    )
-    return encoder
-
-
-def _keep_standard_4bit_layout(model: nn.Module) -> None:
+def keep_standard_4bit_layout(model: nn.Module) -> None:
     """Stop bnb from re-packing 4-bit weights for its AVX512-BF16 CPU kernel at their first forward.
 
     In bitsandbytes 0.50 that re-packing rounds the block scales to bfloat16 (coarser than the

@@ -58,7 +58,7 @@ class ModelArguments(EncoderSettings):
         metadata={
             "help": "calibrate the head bias on query-length texts too (the training queries; in "
             "the adaptation phase a sentence of each text): each term then fires in at most "
-            "head_bias_df of the documents and of the queries (csplade.model.calibration)"
+            "head_bias_df of the documents and of the queries (csplade.model.head.calibration)"
         },
     )
     head_bias_recalibrate: bool = field(

@@ -14,7 +14,7 @@ DDP, DeepSpeed ZeRO or FSDP). This module adds only what is specific to learned 
   :mod:`csplade.training.base`.
 
 Sharded weights: under DeepSpeed ZeRO-3 and FSDP2 the fused head reads the LM-head weight inside a module
-whose hooks gather it for forward and backward (csplade.model.output_head), frozen or trained, tied or not,
+whose hooks gather it for forward and backward (csplade.model.head.sharded), frozen or trained, tied or not,
 with or without LoRA on it. Multi-node launch is accelerate's; nothing here depends on the world size
 except the loss math, which is exact for any split (see csplade.training.losses).
 """

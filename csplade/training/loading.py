@@ -3,7 +3,7 @@
 LoRA comes from peft. Targets default to every attention and MLP projection of Llama-style blocks
 (q, k, v, o, gate, up, down); names absent from the backbone are dropped with a log line, and a recipe
 whose targets match nothing is an error. `lora_lm_head` adds the LM head (the fused head folds the LoRA
-delta into its weight, see :func:`csplade.model.output_head.head_params`).
+delta into its weight, see :func:`csplade.model.head.weights.head_params`).
 
 QLoRA: the backbone is loaded in 4-bit (nf4/fp4) or 8-bit with bitsandbytes (which also runs on CPU) and
 prepared with peft's `prepare_model_for_kbit_training`; the LM head stays in full precision (bitsandbytes

@@ -1,4 +1,4 @@
-"""The SPLADE head: vocabulary projection + log(1 + ReLU) + pooling over tokens, memory-bounded.
+"""The SPLADE pooling: vocabulary projection + log(1 + ReLU) + pooling over tokens, memory-bounded.
 
 SPLADE (Formal et al., 2021) turns a sequence of hidden states into one sparse vocabulary-sized vector:
 
@@ -224,7 +224,7 @@ def _check_weight_kept(ctx, weight: Tensor) -> None:
             f"the SPLADE head's weight was {tuple(ctx.weight_shape)} in forward and is "
             f"{tuple(weight.shape)} in backward: it was released (e.g. re-partitioned by ZeRO-3) "
             "before the backward; run the head inside a module whose hooks gather the weight for "
-            "backward (SparseEncoder does: csplade.model.output_head.HeadCall)"
+            "backward (SparseEncoder does: csplade.model.head.sharded.HeadCall)"
         )
 
 

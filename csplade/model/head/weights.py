@@ -1,26 +1,14 @@
-"""Where the LM head's weight comes from, and the module call that lets a sharding engine gather it.
+"""Where the LM head's weight comes from: the (V, H) matrix the fused head reads.
 
-The fused head (:mod:`csplade.model.head`) reads the (V, H) weight directly instead of calling the
-LM-head module. This module finds that weight in the backbone's output embeddings: a plain
-``nn.Linear``, or a peft LoRA layer whose delta is folded in (base weight + its delta), so the fused
-head trains the adapter. Anything else (a quantized head, a custom module) has no plain weight, and
-the encoder calls the module itself (the naive head, which builds the (B, L, V) logits).
+The fused head (:mod:`csplade.model.head.pooling`) reads the weight directly instead of calling the
+LM-head module. It is found in the backbone's output embeddings: a plain ``nn.Linear``, or a peft LoRA
+layer whose delta is folded in (base weight + its delta), so the fused head trains the adapter.
+Anything else (a quantized head, a custom module) has no plain weight, and the head calls the module
+itself (:func:`csplade.model.head.splade.module_head`).
 
-Sharded weights. Reading a weight outside the module that owns it is what sharding engines cannot
-see, so the encoder runs the fused head inside a module of its own, :class:`HeadCall`:
-
-- DeepSpeed ZeRO-3 partitions every parameter and gathers a module's parameters in that module's
-  forward pre-hook, again in its pre-backward hook, and releases them after each. The head's
-  parameters (the LM-head weight and bias, tied or not, and LoRA factors on the head) are registered
-  as *external parameters* of :class:`HeadCall` (``deepspeed.zero.register_external_parameter``),
-  so the engine gathers them for the head's forward and for its backward, through its own hooks.
-- FSDP2 (``fully_shard``) unshards the root module's parameters (the embeddings, the final norm, the
-  LM head: everything outside the per-layer groups) in the root's forward pre-hook and keeps them
-  unsharded until its backward is done, so inside the encoder's forward the weight is a plain tensor.
-  A weight that is still a sharded ``DTensor`` there is refused with an error, never read.
-
-Known limits: with LoRA on the LM head the folded weight (base + delta) is a (V, H) tensor kept for
-the backward of each head call (the frozen base alone is re-gathered instead).
+Sharded weights are never read as they are: a DeepSpeed ZeRO-3 partition that is not gathered, or an
+FSDP2 ``DTensor`` still sharded, is refused with an error (:func:`head_params`); how the encoder gets
+them gathered: :mod:`csplade.model.head.sharded`.
 """
 
 from __future__ import annotations
@@ -31,11 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from csplade.model.head import splade_activation
-
 logger = logging.getLogger(__name__)
-
-_WARNED: set[str | None] = set()  # reasons the module fallback was already logged for
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -145,98 +129,6 @@ def naive_reason(module: nn.Module) -> str:
     if not isinstance(base, nn.Linear):
         return f"the LM head is a {type(base).__name__}, not a plain nn.Linear"
     return f"the LM-head weight is a {type(weight).__name__} of dtype {weight.dtype}"
-
-
-def warn_module_head(reason: str | None, vocab: int) -> None:
-    """Warn, once per reason, that training calls the LM-head module: the (B, L, V) naive head."""
-    if reason in _WARNED:
-        return
-    _WARNED.add(reason)
-    logger.warning(
-        "SPLADE head: %s, so the fused head cannot read it; calling the module instead, which "
-        "builds the (B, L, V) float32 logits of every text in memory (V=%d)",
-        reason,
-        vocab,
-    )
-
-
-def module_head(
-    out_emb: nn.Module,
-    hidden: torch.Tensor,
-    pool_mask: torch.Tensor,
-    *,
-    head_bias: torch.Tensor | None,
-    logit_scale: float,
-    softcap: float | None,
-    pooling: str,
-    vocab: int,
-) -> torch.Tensor:
-    """The SPLADE head through a call of the output embeddings (B, V) (e.g. a quantized LM head).
-
-    Under autograd this is the naive head: the (B, L, V) float32 logits of the whole batch. Without
-    a gradient the positions go in chunks whose float32 logits stay near 64 MiB.
-    """
-
-    def logits_of(h):
-        logits = out_emb(h).float()
-        if head_bias is not None:
-            logits = logits + head_bias
-        logits = logits * logit_scale
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        return logits
-
-    mask = pool_mask.unsqueeze(-1)  # (B, L, 1)
-    if torch.is_grad_enabled():
-        act = splade_activation(logits_of(hidden)) * mask  # (B, L, V)
-        return act.amax(dim=1) if pooling == "max" else act.sum(dim=1)
-    result = None
-    # positions per chunk so that one float32 (B, step, V) logits chunk stays near 64 MiB
-    step = max(1, (64 * 2**20) // (4 * hidden.shape[0] * max(1, vocab)))
-    for start in range(0, hidden.shape[1], step):
-        act = (
-            splade_activation(logits_of(hidden[:, start : start + step]))
-            * mask[:, start : start + step]
-        )
-        part = act.amax(dim=1) if pooling == "max" else act.sum(dim=1)
-        if result is None:
-            result = part
-        elif pooling == "max":
-            result = torch.maximum(result, part)
-        else:
-            result = result + part
-    return result
-
-
-class HeadCall(nn.Module):
-    """Runs the fused head as a call of its own module, so a ZeRO-3 engine gathers its weight.
-
-    ``head_call(run, hidden, mask, *rest)`` returns ``run(hidden, mask, *rest)``. The tensors go
-    through the module's arguments (not a closure) so the engine's hooks see them: the output
-    triggers the re-gather before the head's backward, the hidden states the release after it.
-    :meth:`register` makes parameters external parameters of this module (ZeRO-3 only); without
-    an engine the call is a plain function call. It holds no parameters of its own.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._external: set[int] = set()
-
-    def register(self, params: list[nn.Parameter]) -> None:
-        """Make `params` (ZeRO-3 parameters) gathered around this module's forward and backward."""
-        new = [p for p in params if id(p) not in self._external]
-        if not new:
-            return
-        try:
-            import deepspeed
-        except ImportError as exc:  # partitioned parameters without deepspeed cannot happen
-            raise ImportError("ZeRO-3 parameters need deepspeed: pip install deepspeed") from exc
-        for param in new:
-            deepspeed.zero.register_external_parameter(self, param)
-            self._external.add(id(param))
-
-    def forward(self, run, *tensors: Any) -> torch.Tensor:
-        return run(*tensors)
 
 
 def softcap_of(model: nn.Module) -> float | None:

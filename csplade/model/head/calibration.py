@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from csplade.model.head.weights import head_params
 from csplade.model.inputs import check_texts
-from csplade.model.output_head import head_params
 
 logger = logging.getLogger(__name__)
 
