@@ -216,3 +216,29 @@ def test_run_adaptation_with_the_lexical_objective(tmp_path, monkeypatch):
     assert record["lexical_targets"]["texts"] == 48
     assert record["adapt_args"]["lexical_weight"] == 1.0
     assert reloaded.head_bias is not None
+
+
+def test_head_bias_learning_rate_gives_the_bias_its_own_group(tmp_path):
+    moved = {}
+    for lr in (None, 0.05):
+        encoder = make_encoder("bi")
+        encoder.head_bias = torch.nn.Parameter(torch.zeros(encoder.vocab_size))
+        weights = fit_statistics(encoder, HELD_OUT, "tokens")
+        texts = run_texts(40, seed=3)
+        trainer = AdaptationTrainer(
+            encoder,
+            args=training_args(tmp_path / str(lr), max_steps=5, head_bias_learning_rate=lr),
+            adapt_args=AdaptationArguments(lm_weight=0.0, relu_weight=0.0, lexical_weight=1.0),
+            lexical_targets=LexicalTargets(encoder, weights, analyzer="tokens"),
+            train_dataset=Dataset.from_dict({"text": texts, "query": texts}),
+        )
+        trainer.train()
+        groups = trainer.optimizer.param_groups
+        with_bias = [g for g in groups if any(p is encoder.head_bias for p in g["params"])]
+        assert len(with_bias) == 1
+        if lr is not None:
+            assert with_bias[0]["params"] == [encoder.head_bias]
+            assert with_bias[0]["initial_lr"] == lr and with_bias[0]["weight_decay"] == 0.0
+            assert all(g["initial_lr"] == 1e-3 for g in groups if g is not with_bias[0])
+        moved[lr] = float(encoder.head_bias.detach().abs().max())
+    assert moved[0.05] > 10 * moved[None] > 0

@@ -392,6 +392,13 @@ class CspladeTrainingArguments(TrainingArguments, EvaluationArguments):
     lr_scheduler_type: str = "linear"
     warmup_steps: float = 0
     dataloader_num_workers: int = 0
+    head_bias_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "learning rate of the per-term head bias (None: the learning_rate): one value "
+            "per term, each moved only by the texts that hold it, so far less often than LoRA's"
+        },
+    )
 
     def __post_init__(self) -> None:
         # Several processes launched on a machine without GPUs (`accelerate launch --multi_gpu` / a DDP or

@@ -104,6 +104,23 @@ class CheckpointingTrainer(Trainer):
         if evaluator is not None:
             self._check_evaluation()
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the head bias in a group of its own at
+        ``head_bias_learning_rate`` when one is set (the scheduler then scales both groups)."""
+        optimizer = super().create_optimizer(model)
+        lr = getattr(self.args, "head_bias_learning_rate", None)
+        bias = self.encoder().head_bias
+        if lr is None or bias is None or not bias.requires_grad:
+            return optimizer
+        if self.is_deepspeed_enabled:
+            raise ValueError("head_bias_learning_rate is not supported under DeepSpeed (one lr)")
+        groups = optimizer.param_groups
+        for group in groups:
+            group["params"] = [p for p in group["params"] if p is not bias]
+        groups[:] = [group for group in groups if group["params"]]
+        optimizer.add_param_group({"params": [bias], "lr": lr, "weight_decay": 0.0})
+        return optimizer
+
     def encoder(self) -> SparseEncoder:
         return self.accelerator.unwrap_model(self.model)
 
