@@ -17,6 +17,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import deepspeed  # noqa: F401  (required: a missing install fails the suite, never skips it)
 import pytest
 from launching import (
     ADAPT,
@@ -43,7 +44,6 @@ from tiny import tiny_model, tiny_tokenizer
 from csplade.training.base import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.distributed]
-deepspeed = pytest.importorskip("deepspeed")
 
 VOCAB = 256
 PROBES = ("--no-vocab-tensors", str(VOCAB), "--sharding-report")
