@@ -10,7 +10,7 @@ can be checked from inside:
 - ``--sharding-report``: after training, each process writes ``sharding-rank{R}.json`` in the
   output folder's probes/: how many parameters it holds only a shard of (ZeRO-3 partitions, FSDP2 DTensor
   shards) and which, which ZeRO-3 keeps whole (persistent), the parameters' dtypes, the world size and
-  mixed precision, and the head paths the encoder took (``head_calls``).
+  mixed precision, the machine and local ranks the launcher gave, and the head paths the encoder took (``head_calls``).
 - ``--fsdp-on-cpu``: accelerate 1.15 turns an FSDP config into FSDP only on GPUs (and XPU, NPU, …);
   on CPU it keeps plain DDP (csplade refuses that: see
   :func:`csplade.training.distributed.check_engine`). This probe sets the state accelerate sets on a
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,14 +64,16 @@ def _sharding(model: torch.nn.Module) -> dict:
             sharded.append(name)
         elif isinstance(param, DTensor) and param.to_local().numel() < param.numel():
             sharded.append(name)
-    units = sum(isinstance(m, FSDPModule) for m in model.modules())
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    compute = sorted({str(m._get_fsdp_state()._mp_policy.param_dtype) for m in units})
     return {
         "parameters": len(named),
         "sharded": len(sharded),
         "sharded_names": sharded,
         "persistent_names": persistent,
         "dtypes": dtypes,
-        "fsdp_units": units,
+        "fsdp_units": len(units),
+        "fsdp_param_dtypes": compute,  # FSDP2's compute dtype (MixedPrecisionPolicy.param_dtype)
     }
 
 
@@ -99,6 +102,9 @@ def _write_report(trainer) -> None:
         **_sharding(trainer.model_wrapped),
         "distributed_type": str(trainer.accelerator.distributed_type),
         "world_size": trainer.accelerator.num_processes,
+        # what the launcher (torchrun) set: the machine's rank and the process's rank on it
+        "machine_rank": os.environ.get("GROUP_RANK"),
+        "local_rank": os.environ.get("LOCAL_RANK"),
         "mixed_precision": str(trainer.accelerator.mixed_precision),
         "head_calls": dict(getattr(trainer.encoder(), "head_calls", {})),
     }
@@ -120,6 +126,8 @@ def _fsdp_on_cpu() -> None:
             # what accelerate sets on a GPU machine, in both shared states (every later
             # AcceleratorState() copies PartialState's distributed type)
             self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":  # FSDP2's MixedPrecisionPolicy (param/reduce dtype)
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
             state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import deepspeed  # noqa: F401  (required: a missing install fails the suite, never skips it)
 import pytest
+import torch
 from launching import (
     ADAPT,
     BF16_LR,
@@ -231,12 +232,20 @@ def test_zero3_adapt_trains_a_head_bias_like_one_process(setup, tmp_path):
         "adapt",
         *common,
         "--output_dir", str(out), "--per_device_train_batch_size", "2",
+        probes=("--sharding-report",),
     )  # fmt: skip
+    for report in sharding_reports(out):  # (adapt writes no run_info.json)
+        assert report["world_size"] == 2 and "DEEPSPEED" in report["distributed_type"], report
+        assert report["sharded"] == report["parameters"] > 0, report  # every parameter partitioned
+        assert any(n.endswith("encoder.head_bias") for n in report["sharded_names"]), report
     one = tmp_path / "one"
     run_one_process(
         "adapt", *common, "--output_dir", str(one), "--per_device_train_batch_size", "4"
     )
-    assert_same_weights(weights(out), weights(one))
+    got = weights(out)
+    assert not torch.equal(got["head_bias"], weights(start)["head_bias"])  # L_ReLU trained it
+    assert_same_weights(got, weights(one))
+    assert_moved(got, weights(setup["tied"]), merged=True)
 
 
 def _resume_args(setup, out: Path, *extra: str) -> list[str]:
