@@ -21,8 +21,8 @@ from pathlib import Path
 
 from _measure import ROOT, data_dir
 
-STEPS = 8
-QUERIES = 4  # groups per process and step
+# steps, groups per process and step, query and doc max lengths: on a GPU, and in a dry run
+SIZES = {"gpu": (8, 4, 32, 128), "dry": (3, 2, 8, 16)}
 GROUP = 4  # docs per query: one positive, 3 negatives
 LR = 1e-3
 # Float32 runs of the same steps: cuBLAS may pick other kernels (and the fused head's backward adds
@@ -53,17 +53,17 @@ def write_groups(args, folder: Path, n: int) -> Path:
     return path
 
 
-def lengths(args) -> tuple[int, int]:
-    """Query and doc max lengths of the runs (toy ones in a dry run)."""
-    return (16, 32) if args.dry_run else (32, 128)
+def sizes(args) -> tuple[int, int, int, int]:
+    """Steps, queries per process, query and doc max lengths (toy ones in a dry run)."""
+    return SIZES["dry" if args.dry_run else "gpu"]
 
 
 def train_args(args, model_dir, groups: Path, out: Path, batch: int, lr: float = LR) -> list[str]:
-    query_length, doc_length = lengths(args)
+    steps, _, query_length, doc_length = sizes(args)
     return [
         "--model_name_or_path", str(model_dir), "--train_data", str(groups),
         "--output_dir", str(out), "--use_lora", "true", "--lora_r", "8", "--lora_dropout", "0",
-        "--max_steps", str(STEPS), "--per_device_train_batch_size", str(batch),
+        "--max_steps", str(steps), "--per_device_train_batch_size", str(batch),
         "--group_size", str(GROUP), "--query_max_length", str(query_length),
         "--doc_max_length", str(doc_length),
         "--learning_rate", str(lr), "--lr_scheduler_type", "constant", "--warmup_steps", "0",
@@ -130,7 +130,7 @@ def _tokens_per_step(args, model_dir, groups: Path, batch: int) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    query_length, doc_length = lengths(args)
+    _, _, query_length, doc_length = sizes(args)
     total = 0
     for line in groups.read_text().splitlines()[:batch]:
         group = json.loads(line)
@@ -140,11 +140,11 @@ def _tokens_per_step(args, model_dir, groups: Path, batch: int) -> int:
     return total
 
 
-def _judge(info: dict, got: dict, start: dict, want: dict | None, rtol: float):
+def _judge(info: dict, got: dict, start: dict, want: dict | None, rtol: float, steps: int):
     """(ok, figures) of one run: loss down, every LoRA B moved, and (with `want`) the match."""
     losses = [h["loss"] for h in info["log_history"] if "loss" in h]
     moved = all(float(got[k].abs().sum()) > 0 for k in got if "lora_B" in k)
-    ok = len(losses) == STEPS and losses[-1] < losses[0] and moved
+    ok = len(losses) == steps and losses[-1] < losses[0] and moved
     figures = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, LoRA B moved: {moved}"
     if want is not None:
         mismatch = update_mismatch(got, want, start)
@@ -156,10 +156,11 @@ def _judge(info: dict, got: dict, start: dict, want: dict | None, rtol: float):
 
 def check_training(args, model_dir, work: Path, add_row) -> None:
     """One process float32 (the reference), ZeRO-3 one process, one process bf16 autocast."""
-    groups = write_groups(args, work, QUERIES * 2)
-    batch = QUERIES * 2  # the whole data set: every step the same batch
-    tokens = _tokens_per_step(args, model_dir, groups, batch) * STEPS
-    setting = f"LoRA r8, {STEPS} AdamW steps of {batch} queries x {GROUP} docs, seed 3"
+    steps, queries, _, _ = sizes(args)
+    groups = write_groups(args, work, queries * 2)
+    batch = queries * 2  # the whole data set: every step the same batch
+    tokens = _tokens_per_step(args, model_dir, groups, batch) * steps
+    setting = f"LoRA r8, {steps} AdamW steps of {batch} queries x {GROUP} docs, seed 3"
     one_process(args, model_dir, groups, work / "lr0", batch, lr=0.0)
     start = adapter(work / "lr0")  # the adapter as initialised (seed 3)
     runs = {
@@ -177,7 +178,7 @@ def check_training(args, model_dir, work: Path, add_row) -> None:
         info = launch(out)
         got = adapter(out)
         rtol = BF16_UPDATE_RTOL if "bf16" in name else FP32_UPDATE_RTOL
-        ok, figures, _ = _judge(info, got, start, reference, rtol)
+        ok, figures, _ = _judge(info, got, start, reference, rtol, steps)
         speed = tokens / info["train_seconds"]
         kind = info["distributed_type"].rsplit(".", 1)[-1]
         add_row(f"train: {name}", setting, "ok" if ok else "FAILED",
@@ -196,12 +197,13 @@ def check_multi_gpu(args, model_dir, work: Path, add_row) -> None:
     if world < 2:
         add_row("multi-gpu", "DDP / ZeRO-3 / FSDP2", "skipped", "one GPU visible")
         return
-    groups = write_groups(args, work, QUERIES * world)
-    setting = f"{world} processes x {QUERIES} queries vs one process x {QUERIES * world}, fp32"
-    one_process(args, model_dir, groups, work / "m-lr0", QUERIES * world, lr=0.0)
+    steps, queries, _, _ = sizes(args)
+    groups = write_groups(args, work, queries * world)
+    setting = f"{world} processes x {queries} queries vs one process x {queries * world}, fp32"
+    one_process(args, model_dir, groups, work / "m-lr0", queries * world, lr=0.0)
     start = adapter(work / "m-lr0")
     one = work / "m-one"
-    one_process(args, model_dir, groups, one, QUERIES * world)
+    one_process(args, model_dir, groups, one, queries * world)
     want = adapter(one)
     for config in ("ddp.yaml", "zero3.yaml", "fsdp2.yaml"):
         if args.dry_run and config == "fsdp2.yaml":
@@ -210,8 +212,8 @@ def check_multi_gpu(args, model_dir, work: Path, add_row) -> None:
                     "through a probe)")  # fmt: skip
             continue
         out = work / f"m-{config}"
-        info = launched(args, config, world, model_dir, groups, out, QUERIES)
-        ok, figures, _ = _judge(info, adapter(out), start, want, FP32_UPDATE_RTOL)
+        info = launched(args, config, world, model_dir, groups, out, queries)
+        ok, figures, _ = _judge(info, adapter(out), start, want, FP32_UPDATE_RTOL, steps)
         kind = info["distributed_type"].rsplit(".", 1)[-1]
         ok = ok and info["world_size"] == world
         add_row(f"multi-gpu {config}", setting, "ok" if ok else "FAILED",

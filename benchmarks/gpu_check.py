@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-skip", action="store_true", help="a skipped row is not a failure")
     parser.add_argument("--json", type=Path, default=None, help="write the report there")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each head case")
-    parser.add_argument("--timeout", type=int, default=400, help="seconds for each training run")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds for each training run")
     args = parser.parse_args(argv)
     import torch
 
