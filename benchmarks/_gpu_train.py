@@ -195,7 +195,7 @@ def check_multi_gpu(args, model_dir, work: Path, add_row) -> None:
 
     world = 2 if args.dry_run else torch.cuda.device_count()
     if world < 2:
-        add_row("multi-gpu", "DDP / ZeRO-3 / FSDP2", "skipped", "one GPU visible")
+        add_row("multi-gpu", "DDP / ZeRO-3 / FSDP2", "n/a", "one GPU visible")
         return
     steps, queries, _, _ = sizes(args)
     groups = write_groups(args, work, queries * world)
