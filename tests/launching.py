@@ -103,7 +103,14 @@ def launcher(
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    """The launches' environment: one thread per process, no GPU, and DeepSpeed's JIT-built CPU
+    ops (its shared-memory collectives) built once per environment (not in the user-wide torch
+    extensions folder, which another checkout's build rewrites and locks while every launch waits)."""
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+        Path(sys.prefix) / "torch_extensions"
+    )
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+            "TORCH_EXTENSIONS_DIR": extensions}  # fmt: skip
 
 
 def launch(
