@@ -29,9 +29,9 @@ LR = 1e-3
 # with atomics), so the adapters differ by float32 rounding amplified by AdamW's normalisation; 5%
 # of a tensor's update is far above that and far below the 50% a wrong reduction gives.
 FP32_UPDATE_RTOL = 0.05
-# bf16 autocast against float32: matmuls in bfloat16 (8 bits); tests/launching.py measured 0.04 to
-# 0.06 of the update for bf16 against its reference on the tiny models.
-BF16_UPDATE_RTOL = 0.15
+# bf16 autocast against float32: matmuls in bfloat16 (8 bits); tests/launching.py measured up to
+# 0.20 of the update for bf16 runs against their references on the tiny models (median 0.05).
+BF16_UPDATE_RTOL = 0.3
 CONFIGS = Path(ROOT) / "accelerate_configs"
 
 

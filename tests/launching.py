@@ -316,12 +316,13 @@ def _global_batch_loss(encoder, halves: list[dict]) -> torch.Tensor:
 # how far training moved it: |run - reference| <= BF16_UPDATE_RTOL * |reference - start| (norms).
 # The bf16 tests train LoRA (its factors, and so the saved weights, are float32 masters under both
 # engines: no rounding of the saved weights to allow for) at lr 0.01 (3 steps), where the
-# steps stay close to linear: measured worst tensors 0.04 (ZeRO-3) and 0.06 (FSDP2), median 0.02;
-# at lr 0.1 the runs diverge chaotically in bf16 (0.4 on one LoRA factor, and fp32 vs bf16 one
-# process differ as much). A gradient off by 2x (a reduction that sums instead of averaging, or
-# averages twice) moves every tensor by 0.5 to 1 of its update: the tests check that a reference at
-# half the learning rate fails, by about 1 on the median tensor.
-BF16_UPDATE_RTOL = 0.15
+# steps stay close to linear (at lr 0.1 the runs diverge chaotically in bf16: 0.4 on one LoRA
+# factor, and fp32 vs bf16 one process differ as much). Measured: ZeRO-3 (LoRA factors in float32)
+# worst tensor 0.04, median 0.02; FSDP2 (LoRA factors computed in bf16, gradients reduce-scattered
+# in bf16) worst 0.20 (an attention projection's LoRA A, which moves least), median 0.05. A
+# gradient off by 2x moves every tensor by 0.5 to 1 of its update: against a reference at half
+# the learning rate the FSDP2 run's tensors are off by 1.1 (least) to 14, median 2.7.
+BF16_UPDATE_RTOL = 0.3
 BF16_LR = 0.01
 
 
