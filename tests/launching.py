@@ -12,6 +12,7 @@ it through the `--sharding-report` probe of tests/probed_cli.py.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -63,6 +64,7 @@ def zero_config(folder: Path, shipped: str = "zero3.yaml", **zero: object) -> Pa
         "deepspeed_config": {
             "deepspeed_config_file": str(ds_file),
             "zero3_init_flag": bool(inline.get("zero3_init_flag", False)),
+            **{k: v for k, v in inline.items() if k == "deepspeed_multinode_launcher"},
         },
         "num_machines": 1,
         "num_processes": 2,
@@ -76,27 +78,51 @@ def zero_config(folder: Path, shipped: str = "zero3.yaml", **zero: object) -> Pa
     return out
 
 
-def launcher(config: Path | None, verb: str, *args: str, probes: tuple[str, ...] = ()) -> list[str]:
-    """The `accelerate launch` command line running `csplade VERB ARGS` in 2 processes."""
+def launcher(
+    config: Path | None,
+    verb: str,
+    *args: str,
+    probes: tuple[str, ...] = (),
+    mixed_precision: str = "no",
+    machines: tuple[str, ...] = ("--num_machines", "1", "--main_process_port", "0"),
+) -> list[str]:
+    """The `accelerate launch` command line running `csplade VERB ARGS` in 2 processes.
+
+    `mixed_precision` is the launch's (a DeepSpeed config takes it from its JSON's "auto", which the
+    Trainer's `--bf16` fills); `machines` the launch's machine arguments (one machine by default).
+    """
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     cmd += ["--config_file", str(config)] if config else ["--multi_gpu"]
     if config is None or "DEEPSPEED" not in config.read_text():
-        cmd += ["--mixed_precision", "no"]
+        cmd += ["--mixed_precision", mixed_precision]
     cmd += [
-        "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no",
-        "--main_process_port", "0", str(PROBED_CLI), *probes, "--", verb, *args,
+        "--num_processes", "2", *machines, "--dynamo_backend", "no",
+        str(PROBED_CLI), *probes, "--", verb, *args,
     ]  # fmt: skip
     return cmd
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    """The launches' environment: one thread per process, no GPU, and DeepSpeed's JIT-built CPU
+    ops (its shared-memory collectives) built once per environment (not in the user-wide torch
+    extensions folder, which another checkout's build rewrites and locks while every launch waits)."""
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+        Path(sys.prefix) / "torch_extensions"
+    )
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+            "TORCH_EXTENSIONS_DIR": extensions}  # fmt: skip
 
 
-def launch(config: Path | None, verb: str, *args: str, probes: tuple[str, ...] = ()):
+def launch(
+    config: Path | None,
+    verb: str,
+    *args: str,
+    probes: tuple[str, ...] = (),
+    mixed_precision: str = "no",
+):
     """Run the launch to the end; fail with its output tails on a non-zero exit."""
     result = subprocess.run(
-        launcher(config, verb, *args, probes=probes),
+        launcher(config, verb, *args, probes=probes, mixed_precision=mixed_precision),
         env=env(),
         capture_output=True,
         text=True,
@@ -191,12 +217,12 @@ GROUP = 3  # docs per query
 LR = 0.1  # larger steps amplify float rounding (argmax flips) past 1e-5 by step 3, DDP included
 
 
-def train_args(base: Path, groups: Path, out: Path, *extra: str) -> list[str]:
+def train_args(base: Path, groups: Path, out: Path, *extra: str, lr: float = LR) -> list[str]:
     """`csplade train` arguments of STEPS plain SGD steps (no momentum, decay, clipping, warm-up)."""
     return [
         "--model_name_or_path", str(base), "--train_data", str(groups), "--output_dir", str(out),
         "--group_size", str(GROUP), "--per_device_train_batch_size", str(QUERIES),
-        "--max_steps", str(STEPS), "--optim", "sgd", "--learning_rate", str(LR),
+        "--max_steps", str(STEPS), "--optim", "sgd", "--learning_rate", str(lr),
         "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--weight_decay", "0",
         "--max_grad_norm", "0", "--train_sampling_strategy", "sequential", "--save_steps", "1000",
         "--logging_steps", "1", "--seed", "3", "--lambda_q", "0.05", "--lambda_d", "0.02",
@@ -205,19 +231,33 @@ def train_args(base: Path, groups: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def reference_train_step(base: Path, groups: Path, out: Path, *extra: str) -> dict:
+def reference_train_step(
+    base: Path,
+    groups: Path,
+    out: Path,
+    *extra: str,
+    lr: float = LR,
+    bf16: bool = False,
+    fp32_names: tuple[str, ...] = (),
+) -> dict:
     """The weights one process must reach with the 2-process run of :func:`train_args`.
 
     Per step, the same loss on the whole batch of 2 x 4 queries (process r of step s reads groups
     [(2s + r) * 4, (2s + r + 1) * 4): accelerate deals the sequential batches out in turn): InfoNCE
     over all queries against all docs (cross-device negatives), FLOPS on the global batch; an SGD
-    step of LR. Saved like the run.
+    step of `lr`. Saved like the run.
+
+    `bf16`: as ZeRO-3's and FSDP2's bf16 mixed precision compute: float32 master weights, and each
+    step's forward and backward on a bfloat16 copy of them (parameters and buffers), whose
+    gradients update the masters; parameters whose names contain one of `fp32_names` stay float32
+    in the copy (ZeRO-3 casts the model it loads under zero.Init, not the LoRA factors peft adds
+    after it). The tests also call it with `lr / 2`: a reference the run must
+    NOT match (what a gradient off by 2x in a wrong reduction would give).
     """
     from transformers import set_seed
 
     from csplade.data.groups import load_training_groups
     from csplade.data.sampling import GroupCollator
-    from csplade.training import losses
     from csplade.training.contrastive import calibrate_on_training_docs
     from csplade.training.loading import load_encoder_for_training
     from csplade.training.recipe import parse_recipe
@@ -237,19 +277,81 @@ def reference_train_step(base: Path, groups: Path, out: Path, *extra: str) -> di
             )
             for r in range(2)
         ]
-        reps = [encoder(query=h["query"], doc=h["doc"]) for h in halves]
-        q_all = torch.cat([q for q, _ in reps])
-        d_all = torch.cat([d for _, d in reps])
-        loss = losses.contrastive_loss(q_all, d_all, GROUP)
-        loss = loss + 0.05 * losses.flops(q_all) + 0.02 * losses.flops(d_all)
-        encoder.zero_grad()
-        loss.backward()
+        work = _bf16_copy(encoder, fp32_names) if bf16 else encoder
+        _global_batch_loss(work, halves).backward()
         with torch.no_grad():
-            for param in encoder.parameters():
+            for master, param in zip(encoder.parameters(), work.parameters(), strict=True):
                 if param.grad is not None:
-                    param -= LR * param.grad
+                    master -= lr * param.grad.float()
+                    param.grad = None
     encoder.save_pretrained(out)
     return weights(out)
+
+
+def _bf16_copy(encoder, fp32_names: tuple[str, ...]):
+    work = copy.deepcopy(encoder).to(torch.bfloat16)
+    masters = dict(encoder.named_parameters())
+    for name, param in work.named_parameters():
+        if any(part in name for part in fp32_names):
+            param.data = masters[name].detach().clone()
+    return work
+
+
+def _global_batch_loss(encoder, halves: list[dict]) -> torch.Tensor:
+    """InfoNCE of all queries against all docs of both halves, FLOPS on both (train_args' λs)."""
+    from csplade.training import losses
+
+    reps = [encoder(query=h["query"], doc=h["doc"]) for h in halves]
+    q_all = torch.cat([q for q, _ in reps])
+    d_all = torch.cat([d for _, d in reps])
+    loss = losses.contrastive_loss(q_all, d_all, GROUP)
+    return loss + 0.05 * losses.flops(q_all) + 0.02 * losses.flops(d_all)
+
+
+# bf16 runs against the bf16 reference (reference_train_step(bf16=True)). Both compute in bfloat16
+# (8 significant bits: one rounding is up to 2**-9 = 0.2% relative), but the processes sum their
+# halves' gradients in another order and dtype (bf16 reduce-scatter / all-reduce vs autograd's
+# accumulation in one process), and a gradient that is a sum of cancelling terms (the attention
+# projections' LoRA factors) loses far more than 2**-9 of itself. So the measure is per tensor, of
+# how far training moved it: |run - reference| <= BF16_UPDATE_RTOL * |reference - start| (norms).
+# The bf16 tests train LoRA (its factors, and so the saved weights, are float32 masters under both
+# engines: no rounding of the saved weights to allow for) at lr 0.01 (3 steps), where the
+# steps stay close to linear (at lr 0.1 the runs diverge chaotically in bf16: 0.4 on one LoRA
+# factor, and fp32 vs bf16 one process differ as much). Measured: ZeRO-3 (LoRA factors in float32)
+# worst tensor 0.04, median 0.02; FSDP2 (LoRA factors computed in bf16, gradients reduce-scattered
+# in bf16) worst 0.20 (an attention projection's LoRA A, which moves least), median 0.05. A
+# gradient off by 2x moves every tensor by 0.5 to 1 of its update: against a reference at half
+# the learning rate the FSDP2 run's tensors are off by 1.1 (least) to 14, median 2.7.
+BF16_UPDATE_RTOL = 0.3
+BF16_LR = 0.01
+
+
+def update_mismatch(got: dict, want: dict, start: dict) -> dict[str, float]:
+    """Per tensor: |got - want| over |want - start| (norms); a tensor the reference left as it was
+    must be left exactly (else inf). `start`: the weights before training, adapter included (the
+    reference at learning rate 0)."""
+    out = {}
+    for name in want:
+        wanted, have = want[name].float(), got[name].float()
+        moved = torch.linalg.vector_norm(wanted - start[name].float())
+        err = torch.linalg.vector_norm(have - wanted)
+        out[name] = float(err / moved) if moved > 0 else (0.0 if err == 0 else float("inf"))
+    return out
+
+
+def assert_same_update(
+    got: dict, want: dict, start: dict, rtol: float = BF16_UPDATE_RTOL
+) -> dict[str, float]:
+    """Every tensor the reference trained was trained alike by the run (see BF16_UPDATE_RTOL)."""
+    assert got.keys() == want.keys() == start.keys(), sorted(got.keys() ^ want.keys())[:5]
+    mismatch = update_mismatch(got, want, start)
+    assert any(torch.any(want[k] != start[k]) for k in want), "the reference trained nothing"
+    worst = max(mismatch, key=mismatch.get)
+    assert mismatch[worst] <= rtol, (
+        f"{worst}: off by {mismatch[worst]:.3f} of its update (allowed {rtol}); "
+        f"{sum(v > rtol for v in mismatch.values())} of {len(mismatch)} tensors over"
+    )
+    return mismatch
 
 
 def assert_moved(got: dict, base: dict, merged: bool = False) -> None:

@@ -9,7 +9,8 @@ can be checked from inside:
   head-bias calibration before training chunks its own logits and is not probed.)
 - ``--sharding-report``: after training, each process writes ``sharding-rank{R}.json`` in the
   output folder's probes/: how many parameters it holds only a shard of (ZeRO-3 partitions, FSDP2 DTensor
-  shards), and the head paths the encoder took (``head_calls``).
+  shards) and which, which ZeRO-3 keeps whole (persistent), the parameters' dtypes, the world size and
+  mixed precision, the machine and local ranks the launcher gave, and the head paths the encoder took (``head_calls``).
 - ``--fsdp-on-cpu``: accelerate 1.15 turns an FSDP config into FSDP only on GPUs (and XPU, NPU, …);
   on CPU it keeps plain DDP (csplade refuses that: see
   :func:`csplade.training.distributed.check_engine`). This probe sets the state accelerate sets on a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,21 +46,35 @@ class NoVocabTensors(TorchDispatchMode):
         return out
 
 
-def _sharding(model: torch.nn.Module) -> dict[str, int]:
-    """Parameters of `model` this process holds only a shard of (ZeRO-3 or FSDP2), in all, and the
-    FSDP2 units (modules `fully_shard` was applied to)."""
+def _sharding(model: torch.nn.Module) -> dict:
+    """Parameters of `model` this process holds only a shard of (ZeRO-3 or FSDP2), in all, their
+    names, the names of those ZeRO-3 keeps whole (below `stage3_param_persistence_threshold`:
+    DeepSpeed marks them `ds_persist`), and the FSDP2 units (modules `fully_shard` was applied to)."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    total = sharded = 0
-    for param in model.parameters():
-        total += 1
-        if hasattr(param, "ds_tensor"):
-            sharded += int(param.ds_tensor.numel() < param.ds_numel)
-        elif isinstance(param, DTensor):
-            sharded += int(param.to_local().numel() < param.numel())
-    units = sum(isinstance(m, FSDPModule) for m in model.modules())
-    return {"parameters": total, "sharded": sharded, "fsdp_units": units}
+    sharded, persistent, dtypes = [], [], {}
+    named = list(model.named_parameters())
+    for name, param in named:
+        dtype = str(param.ds_tensor.dtype if hasattr(param, "ds_tensor") else param.dtype)
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+        if getattr(param, "ds_persist", False):
+            persistent.append(name)
+        elif hasattr(param, "ds_tensor") and param.ds_tensor.numel() < param.ds_numel:
+            sharded.append(name)
+        elif isinstance(param, DTensor) and param.to_local().numel() < param.numel():
+            sharded.append(name)
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    compute = sorted({str(m._get_fsdp_state()._mp_policy.param_dtype) for m in units})
+    return {
+        "parameters": len(named),
+        "sharded": len(sharded),
+        "sharded_names": sharded,
+        "persistent_names": persistent,
+        "dtypes": dtypes,
+        "fsdp_units": len(units),
+        "fsdp_param_dtypes": compute,  # FSDP2's compute dtype (MixedPrecisionPolicy.param_dtype)
+    }
 
 
 def _probe_training(report: bool, no_vocab_tensors: int | None) -> None:
@@ -85,6 +101,11 @@ def _write_report(trainer) -> None:
     report = {
         **_sharding(trainer.model_wrapped),
         "distributed_type": str(trainer.accelerator.distributed_type),
+        "world_size": trainer.accelerator.num_processes,
+        # what the launcher (torchrun) set: the machine's rank and the process's rank on it
+        "machine_rank": os.environ.get("GROUP_RANK"),
+        "local_rank": os.environ.get("LOCAL_RANK"),
+        "mixed_precision": str(trainer.accelerator.mixed_precision),
         "head_calls": dict(getattr(trainer.encoder(), "head_calls", {})),
     }
     rank = trainer.accelerator.process_index
@@ -105,6 +126,8 @@ def _fsdp_on_cpu() -> None:
             # what accelerate sets on a GPU machine, in both shared states (every later
             # AcceleratorState() copies PartialState's distributed type)
             self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":  # FSDP2's MixedPrecisionPolicy (param/reduce dtype)
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
             state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 

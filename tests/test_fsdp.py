@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 from launching import (
     ADAPT,
+    BF16_LR,
+    LR,
     QUERIES,
     REPO,
     STEPS,
     assert_moved,
+    assert_same_update,
     assert_same_weights,
     env,
     equal_length_texts,
@@ -63,7 +66,7 @@ def setup(tmp_path_factory):
 
 def _assert_fsdp2(out: Path, head_calls: dict | None = None) -> None:
     for report in sharding_reports(out):
-        assert "FSDP" in report["distributed_type"], report
+        assert "FSDP" in report["distributed_type"] and report["world_size"] == 2, report
         assert report["sharded"] == report["parameters"] > 0, report  # every parameter a shard
         assert report["fsdp_units"] == 1 + LAYERS, report  # the root and one unit per block
         if head_calls is not None:
@@ -106,6 +109,39 @@ def test_fsdp2_steps_equal_one_process(setup, tmp_path, case):
     got = weights(out)
     assert_same_weights(got, want)
     assert_moved(got, weights(setup[base]))
+    if case == "full-untied":  # the tolerance bites: half the learning rate fails
+        with pytest.raises(AssertionError):
+            half = reference_train_step(
+                setup[base], setup["groups"], tmp_path / "half", *extra, lr=LR / 2
+            )
+            assert_same_weights(got, half)
+
+
+def test_fsdp2_bf16_steps_equal_one_bf16_process(setup, tmp_path):
+    """The shipped precision (fsdp2.yaml: mixed_precision bf16): float32 sharded masters, each unit
+    all-gathered and cast to bfloat16 for compute (LoRA factors too), gradients reduce-scattered in
+    bfloat16, against one process computing the same steps so (tests/launching.py:
+    BF16_UPDATE_RTOL), and not against one at half the learning rate."""
+    extra = ["--use_lora", "true", "--lora_r", "4", "--head_chunk_size", "64", "--bf16", "true"]
+    out = tmp_path / "fsdp2"
+    args = train_args(setup["tied"], setup["groups"], out, *extra, lr=BF16_LR)
+    launch(CONFIG, "train", *args, probes=(*ON_CPU, "--no-vocab-tensors", str(VOCAB)),
+           mixed_precision="bf16")  # fmt: skip
+    _assert_fsdp2(out, head_calls={"fused": 2 * STEPS})
+    for report in sharding_reports(out):
+        assert report["mixed_precision"] == "bf16", report
+        assert report["dtypes"] == {"torch.float32": report["parameters"]}, report  # masters
+        assert report["fsdp_param_dtypes"] == ["torch.bfloat16"], report  # compute
+
+    def reference(lr=BF16_LR):
+        return reference_train_step(setup["tied"], setup["groups"], tmp_path / f"reference-{lr}",
+                                    *extra, lr=lr, bf16=True)  # fmt: skip
+
+    got, start = weights(out), reference(lr=0)
+    assert_same_update(got, reference(), start)
+    assert_moved(got, weights(setup["tied"]))
+    with pytest.raises(AssertionError):
+        assert_same_update(got, reference(lr=BF16_LR / 2), start)
 
 
 def test_fsdp2_adapt_wraps_each_block_and_merges_like_one_process(setup, tmp_path):

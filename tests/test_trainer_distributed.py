@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import deepspeed  # noqa: F401  (required: a missing install fails the suite, never skips it)
 import pytest
 import torch
 from launching import (
@@ -142,7 +143,6 @@ def test_deepspeed_zero_steps_on_cpu(setup, tmp_path, shipped):
     """3 SGD steps of a full fine-tune under the ZeRO settings of the shipped config equal one
     process's steps on the whole batch (1e-5); under ZeRO-3 every parameter is partitioned (the
     persistence threshold is 0: tests/launching.py) and the fused head runs."""
-    pytest.importorskip("deepspeed")
     out = tmp_path / "zero"
     args = train_args(setup["base"], setup["groups3"], out, "--head_chunk_size", "64")
     probes = ("--sharding-report", "--no-vocab-tensors", "256")

@@ -17,12 +17,17 @@ import json
 import subprocess
 from pathlib import Path
 
+import deepspeed  # noqa: F401  (required: a missing install fails the suite, never skips it)
 import pytest
+import torch
 from launching import (
     ADAPT,
+    BF16_LR,
+    LR,
     QUERIES,
     STEPS,
     assert_moved,
+    assert_same_update,
     assert_same_weights,
     env,
     equal_length_texts,
@@ -43,7 +48,6 @@ from tiny import tiny_model, tiny_tokenizer
 from csplade.training.base import COMPLETE_MARKER
 
 pytestmark = [pytest.mark.distributed]
-deepspeed = pytest.importorskip("deepspeed")
 
 VOCAB = 256
 PROBES = ("--no-vocab-tensors", str(VOCAB), "--sharding-report")
@@ -68,9 +72,17 @@ def _assert_partitioned_and_fused(out: Path, head_calls: dict | None = None) -> 
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2 and "DEEPSPEED" in info["distributed_type"]
     for report in sharding_reports(out):
+        assert report["world_size"] == 2, report
         assert report["sharded"] == report["parameters"] > 0, report  # every parameter partitioned
         if head_calls is not None:
             assert report["head_calls"] == head_calls, report
+
+
+def _assert_fails_against_half_lr(got: dict, reference, compare, lr: float = LR) -> None:
+    """The comparison that passed must fail against a reference trained at half the learning rate
+    (the update a reduction that halves, or a reference that doubles, the gradient gives)."""
+    with pytest.raises(AssertionError):
+        compare(got, reference(lr=lr / 2))
 
 
 CASES = {  # a full fine-tune of the tied model: test_trainer_distributed.test_deepspeed_zero_steps_on_cpu
@@ -97,6 +109,81 @@ def test_zero3_step_equals_one_process(setup, tmp_path, case):
     got = weights(out)
     assert_same_weights(got, want)
     assert_moved(got, weights(setup[base]))
+    if case == "lora-tied":
+        _assert_fails_against_half_lr(
+            got,
+            lambda lr: reference_train_step(
+                setup[base], setup["groups"], tmp_path / "half", *extra, lr=lr
+            ),
+            assert_same_weights,
+        )
+
+
+# Untied tiny Llama: embeddings and LM head 256 x 32 = 8,192 elements; q/o 1,024, k/v 512,
+# MLP 2,048, norms 32, LoRA factors (r 4) 64 to 128. DeepSpeed's default threshold (1e5) keeps
+# every one whole; at 4,096 the embeddings and the head are partitioned and the rest stays whole,
+# as an 8B model's LoRA factors and norms stay whole while its 128k-row head is partitioned.
+THRESHOLD = 4096
+PARTITIONED = ("embed_tokens.weight", "lm_head.weight")
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_zero3_at_an_intermediate_persistence_threshold_equals_one_process(setup, tmp_path, lora):
+    """Whole small tensors beside a partitioned head: their gradients (reduced whole) and the
+    head's (gathered for the fused head, reduce-scattered) train as one process does, to 1e-5."""
+    config = zero_config(tmp_path, stage3_param_persistence_threshold=THRESHOLD)
+    extra = ["--head_chunk_size", "64", *(["--use_lora", "true", "--lora_r", "4"] if lora else [])]
+    out = tmp_path / "zero3"
+    args = train_args(setup["untied"], setup["groups"], out, *extra)
+    launch(config, "train", *args, probes=PROBES)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2 and "DEEPSPEED" in info["distributed_type"]
+    for report in sharding_reports(out):
+        assert report["world_size"] == 2, report
+        assert sorted(n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1]
+                      for n in report["sharded_names"]) == sorted(PARTITIONED), report  # fmt: skip
+        whole = report["persistent_names"]
+        assert len(whole) == report["parameters"] - 2 and any("lora_B" in n for n in whole) == lora
+        assert report["head_calls"] == {"fused": 2 * STEPS}, report
+    got = weights(out)
+    want = reference_train_step(setup["untied"], setup["groups"], tmp_path / "reference", *extra)
+    assert_same_weights(got, want)
+    assert_moved(got, weights(setup["untied"]))
+    _assert_fails_against_half_lr(
+        got,
+        lambda lr: reference_train_step(
+            setup["untied"], setup["groups"], tmp_path / "half", *extra, lr=lr
+        ),
+        assert_same_weights,
+    )
+
+
+def test_zero3_bf16_steps_equal_one_bf16_process(setup, tmp_path):
+    """The shipped precision: DeepSpeed bf16 (the loaded model in bfloat16, the LoRA factors peft
+    adds after zero.Init in float32, float32 master weights in the optimizer), every parameter
+    partitioned, against one process computing the same steps so (tests/launching.py:
+    BF16_UPDATE_RTOL), and not against one at half the learning rate."""
+    extra = ["--use_lora", "true", "--lora_r", "4", "--head_chunk_size", "64", "--bf16", "true"]
+    out = tmp_path / "zero3"
+    args = train_args(setup["tied"], setup["groups"], out, *extra, lr=BF16_LR)
+    launch(setup["config"], "train", *args, probes=PROBES)
+    _assert_partitioned_and_fused(out, head_calls={"fused": 2 * STEPS})
+    for report in sharding_reports(out):
+        assert report["mixed_precision"] == "bf16", report
+        lora = 2 * 7 * 2  # A and B on 7 projections of 2 blocks
+        assert report["dtypes"] == {"torch.bfloat16": report["parameters"] - lora,
+                                    "torch.float32": lora}, report  # fmt: skip
+
+    def reference(lr=BF16_LR):
+        return reference_train_step(setup["tied"], setup["groups"], tmp_path / f"reference-{lr}",
+                                    *extra, lr=lr, bf16=True, fp32_names=("lora_",))  # fmt: skip
+
+    got, start = weights(out), reference(lr=0)
+    assert_same_update(got, reference(), start)
+    assert_moved(got, weights(setup["tied"]))
+    _assert_fails_against_half_lr(
+        got, reference, lambda g, w: assert_same_update(g, w, start), lr=BF16_LR
+    )
 
 
 @pytest.mark.parametrize("calibrate", [False, True], ids=["merge", "merge-and-calibrate"])
@@ -145,12 +232,20 @@ def test_zero3_adapt_trains_a_head_bias_like_one_process(setup, tmp_path):
         "adapt",
         *common,
         "--output_dir", str(out), "--per_device_train_batch_size", "2",
+        probes=("--sharding-report",),
     )  # fmt: skip
+    for report in sharding_reports(out):  # (adapt writes no run_info.json)
+        assert report["world_size"] == 2 and "DEEPSPEED" in report["distributed_type"], report
+        assert report["sharded"] == report["parameters"] > 0, report  # every parameter partitioned
+        assert any(n.endswith("encoder.head_bias") for n in report["sharded_names"]), report
     one = tmp_path / "one"
     run_one_process(
         "adapt", *common, "--output_dir", str(one), "--per_device_train_batch_size", "4"
     )
-    assert_same_weights(weights(out), weights(one))
+    got = weights(out)
+    assert not torch.equal(got["head_bias"], weights(start)["head_bias"])  # L_ReLU trained it
+    assert_same_weights(got, weights(one))
+    assert_moved(got, weights(setup["tied"]), merged=True)
 
 
 def _resume_args(setup, out: Path, *extra: str) -> list[str]:
