@@ -513,7 +513,8 @@ def run_adaptation(
     eval_head_bias = None
     if evaluator is not None and model_args.head_bias_df is not None and targets is None:
         eval_head_bias = partial(_calibrate, texts=texts, doc_fraction=model_args.head_bias_df,
-                                 queries=model_args.head_bias_queries)  # fmt: skip
+                                 queries=model_args.head_bias_queries,
+                                 n=model_args.head_bias_texts)  # fmt: skip
     trainer = AdaptationTrainer(
         encoder, args=training_args, adapt_args=adapt_args, lexical_targets=targets,
         train_dataset=texts, evaluator=evaluator, eval_head_bias=eval_head_bias,
@@ -566,7 +567,8 @@ def _lexical_setup(encoder, texts, model_args, adapt_args, seed: int):
         encoder.config.doc_max_length,
     )
     if model_args.head_bias_df is not None and encoder.head_bias is None:
-        _calibrate(encoder, texts, model_args.head_bias_df, model_args.head_bias_queries)
+        _calibrate(encoder, texts, model_args.head_bias_df, model_args.head_bias_queries,
+                   model_args.head_bias_texts)  # fmt: skip
     targets = LexicalTargets(
         encoder,
         weights,
@@ -589,7 +591,8 @@ def _merge_calibrate_save(trainer, model_args, merge: bool, texts, provenance, o
         lexical = trainer.lexical_loss is not None  # it trained the bias calibrated before
         if model_args.head_bias_df is not None and not lexical:
             # after the LM phase, which moved the logits: calibrate on the adaptation texts
-            _calibrate(final, texts, model_args.head_bias_df, model_args.head_bias_queries)
+            _calibrate(final, texts, model_args.head_bias_df, model_args.head_bias_queries,
+                       model_args.head_bias_texts)  # fmt: skip
         final.config = replace(final.config, extra={**final.config.extra, "adaptation": provenance})
         _save_final(final, out)
         logger.info("adapted encoder saved to %s (%s)", out, "merged" if merge else "as saved")

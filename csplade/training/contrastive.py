@@ -193,7 +193,11 @@ def run_training(
         encoder.head_bias is None or model_args.head_bias_recalibrate
     ):
         calibrate_on_training_docs(
-            encoder, dataset, model_args.head_bias_df, queries=model_args.head_bias_queries
+            encoder,
+            dataset,
+            model_args.head_bias_df,
+            n=model_args.head_bias_texts,
+            queries=model_args.head_bias_queries,
         )
     idf = None
     if loss_args.doc_regularizer == "idf_flops" or model_args.doc_only:
