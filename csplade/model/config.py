@@ -32,6 +32,7 @@ ADDED_SETTINGS = {
     "lexical_docs": False,
     "learned_top_k": None,
     "lexical_analyzer": "tokens",
+    "frozen_docs": False,
 }
 
 CONFIG_NAME = "csplade_config.json"
@@ -118,6 +119,14 @@ class EncoderSettings:
         },
     )
 
+    frozen_docs: bool = field(
+        default=False,
+        metadata={
+            "help": "documents keep the vectors of the model a LoRA run starts from: they are "
+            "encoded with the adapter off (and the head bias frozen), so only queries learn; a "
+            "training step encodes each document once, without gradient, and reuses its vector"
+        },
+    )
     lexical_analyzer: str = field(
         default="tokens",
         metadata={
@@ -149,6 +158,10 @@ class EncoderSettings:
         if self.lexical_docs and not self.lexical_residual:
             raise ValueError(
                 "lexical_docs needs lexical_residual: a document's vector is its lexical residual"
+            )
+        if self.frozen_docs and (self.lexical_docs or self.doc_only):
+            raise ValueError(
+                "frozen_docs is for documents the model encodes (not lexical_docs, doc_only)"
             )
         if self.lexical_analyzer != "tokens" and not self.lexical_residual:
             raise ValueError(

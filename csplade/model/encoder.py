@@ -42,12 +42,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from csplade.model import inference_free, inputs
+from csplade.model import frozen_docs, inference_free, inputs
 from csplade.model import io as model_io
 from csplade.model import lexical as lexical_mod
 from csplade.model.backbones import detect_kind
 from csplade.model.bidirectional import make_bidirectional
 from csplade.model.config import ADDED_SETTINGS, SparseEncoderConfig
+from csplade.model.frozen_docs import DocVectors
 from csplade.model.head import calibration
 from csplade.model.head.sharded import HeadCall
 from csplade.model.head.splade import bias_copy, splade_head
@@ -122,6 +123,8 @@ class SparseEncoder(nn.Module):
             make_bidirectional(backbone)
         # Lower blocks' outputs per text when they are frozen (csplade.model.prefix_cache); None: off
         self.prefix_cache: PrefixCache | None = None
+        # frozen_docs: each document's vector once computed (csplade.model.frozen_docs); None: off
+        self.doc_vectors: DocVectors | None = None
         # The head runs as this module's call, so ZeRO-3 gathers its weight (csplade.model.head.sharded).
         self.head_call = HeadCall()
         self.head_calls: Counter[str] = Counter()  # head path -> calls: fused | naive | module
@@ -286,6 +289,8 @@ class SparseEncoder(nn.Module):
             if doc is not None:
                 if self.config.lexical_docs:  # no forward pass
                     d_reps = self._lexical_batch(**doc)
+                elif self.config.frozen_docs:  # the model the adapter was put on, no gradient
+                    d_reps = frozen_docs.encode(self, doc)
                 else:
                     d_reps = self._encode_batch(**doc)
             return q_reps, d_reps
@@ -333,21 +338,11 @@ class SparseEncoder(nn.Module):
         ids = input_ids if lexical_ids is None else lexical_ids
         return lexical_mod.residual(ids.to(device), lexical.to(device), self.vocab_size)
 
-    def pooled_logits(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pool_mask: torch.Tensor | None = None,
-        **_: Any,
-    ) -> torch.Tensor:
-        """(B, V) float32: the max over pooled positions of the head's logits, before log(1 + ReLU)
-        (head bias, logit scale and soft-capping included; no lexical residual). The learned terms
-        are their activation. Max pooling and a plain LM head only: what an objective needs to move
-        terms that are off (their activation, zero, has no gradient)."""
+    def pooled_logits(self, input_ids, attention_mask, pool_mask=None, **_: Any) -> torch.Tensor:
+        """(B, V) float32: the max-pooled logits the learned terms activate (head bias, scale and
+        softcap in; max pooling, a plain LM head): an objective's way to terms that are off."""
         if self.config.pooling != "max":
-            raise ValueError(
-                f"pooled_logits needs max pooling, the encoder pools {self.config.pooling!r}"
-            )
+            raise ValueError(f"pooled_logits needs max pooling, not {self.config.pooling!r}")
         return self._learned_terms(input_ids, attention_mask, pool_mask, raw=True)
 
     def _learned_terms(

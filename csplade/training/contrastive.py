@@ -97,7 +97,7 @@ class SparseTrainer(CheckpointingTrainer):
                 self.loss_args,
                 world_size=self.accelerator.num_processes,
                 learned_queries=not model.config.doc_only,
-                learned_documents=not model.config.lexical_docs,
+                learned_documents=not (model.config.lexical_docs or model.config.frozen_docs),
                 idf=idf,
             )
         self.loss = loss
@@ -240,13 +240,18 @@ def run_training(
 
 
 def _cache_info(encoder: SparseEncoder) -> dict:
-    """The prefix cache's texts, hits, misses and size, for run_info.json (empty without one)."""
+    """The prefix cache's and the frozen documents' counts, for run_info.json (none: empty)."""
+    out = {}
     cache = encoder.prefix_cache
-    if cache is None:
-        return {}
-    info = {"texts": len(cache), "hits": cache.hits, "misses": cache.misses}
-    logger.info("prefix cache: %s, %.1f MiB in memory", info, cache.bytes / 2**20)
-    return {"prefix_cache": {**info, "bytes": cache.bytes}}
+    if cache is not None:
+        info = {"texts": len(cache), "hits": cache.hits, "misses": cache.misses}
+        logger.info("prefix cache: %s, %.1f MiB in memory", info, cache.bytes / 2**20)
+        out["prefix_cache"] = {**info, "bytes": cache.bytes}
+    vectors = encoder.doc_vectors
+    if vectors is not None:
+        out["doc_vectors"] = {"docs": len(vectors), "hits": vectors.hits, "misses": vectors.misses}
+        logger.info("frozen documents: %s", out["doc_vectors"])
+    return out
 
 
 def calibrate_on_training_docs(
@@ -269,6 +274,11 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path) -> Path:
     encoder = SparseEncoder.from_pretrained(adapter_dir)
     if not encoder.is_adapter:
         raise ValueError(f"{adapter_dir} holds no LoRA adapter (nothing to merge)")
+    if encoder.config.frozen_docs:
+        raise ValueError(
+            f"{adapter_dir} encodes documents with its adapter off (frozen_docs): a merged model "
+            "would encode them with the query weights; use the folder as it is"
+        )
     encoder.backbone = encoder.backbone.merge_and_unload()
     encoder.save_pretrained(out)
     return Path(out)

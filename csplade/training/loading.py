@@ -24,6 +24,7 @@ from typing import Any
 
 from csplade.model.config import DTYPES
 from csplade.model.encoder import SparseEncoder
+from csplade.model.frozen_docs import DocVectors
 from csplade.model.prefix_cache import PrefixCache
 from csplade.quantization.modes import quantization_config
 from csplade.training.arguments import ModelArguments
@@ -46,6 +47,11 @@ def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
         backbone_kwargs=backbone_kwargs,
         **model_args.encoder_settings(),
     )
+    if encoder.is_adapter and encoder.config.frozen_docs:
+        raise ValueError(
+            f"{model_args.model_name_or_path} encodes documents with its adapter off (frozen_docs): "
+            "merging the adapter to train on would change its documents; train from its base"
+        )
     if encoder.is_adapter:
         # A checkpoint saved as an adapter (e.g. a LoRA adaptation phase): fold it into the base
         # before training goes on (full fine-tuning saves whole weights).
@@ -69,6 +75,14 @@ def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
         apply_lora(encoder, model_args)
         if model_args.cache_frozen_layers:
             attach_prefix_cache(encoder, model_args.lora_last_layers)
+    if model_args.frozen_docs:
+        if not model_args.use_lora:
+            raise ValueError(
+                "frozen_docs encodes documents with the adapter off: it needs use_lora"
+            )
+        encoder.doc_vectors = DocVectors()
+        if encoder.head_bias is not None:  # it shapes the documents' vectors too
+            encoder.head_bias.requires_grad_(False)
         # The adapter applies to the weights loaded here, not to the base they came from: a folder
         # saved by `csplade adapt` records its own base (the raw backbone) as `base_model`.
         encoder.config = replace(encoder.config, base_model=_as_base(model_args.model_name_or_path))

@@ -1,0 +1,107 @@
+"""Frozen documents: a LoRA run moves the queries; documents keep the vectors of the model it
+started from, computed once per document."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from synthetic import mrr_at_10, pairs, save_base, write_groups
+from tiny import random_texts
+
+from csplade.model import SparseEncoder
+from csplade.model.frozen_docs import DocVectors
+from csplade.training.contrastive import merge_adapter, run_training
+from csplade.training.recipe import parse_recipe
+
+TEXTS = random_texts(10, min_words=4, max_words=12, seed=5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("frozen")
+    base = save_base(root / "base")
+    groups = write_groups(root / "groups.jsonl", n=200)
+    argv = [
+        "--model_name_or_path", str(base), "--train_data", str(groups),
+        "--output_dir", str(root / "out"), "--per_device_train_batch_size", "16",
+        "--group_size", "4", "--learning_rate", "1e-2", "--max_steps", "40", "--save_steps",
+        "1000", "--use_cpu", "true", "--seed", "7", "--use_lora", "--lora_r", "8",
+        "--lora_dropout", "0", "--frozen_docs", "true", "--logging_steps", "10",
+    ]  # fmt: skip
+    out = run_training(*parse_recipe(None, argv))
+    return {"base": base, "out": out}
+
+
+def test_documents_keep_the_starting_models_vectors_and_queries_learn(trained):
+    base = SparseEncoder.from_pretrained(trained["base"])
+    model = SparseEncoder.from_pretrained(trained["out"])
+    assert model.is_adapter and model.config.frozen_docs
+    docs = (
+        base.encode_docs(TEXTS, show_progress=False),
+        model.encode_docs(TEXTS, show_progress=False),
+    )
+    assert abs(docs[0] - docs[1]).max() < 1e-6
+    queries = [e.encode_queries(TEXTS, show_progress=False) for e in (base, model)]
+    assert abs(queries[0] - queries[1]).max() > 1e-2  # the adapter moved the queries
+    held = pairs(100, seed=2)
+    # the task needs expansion and the random base's documents are noise: the queries still learn
+    assert mrr_at_10(model, held) > 2 * mrr_at_10(base, held)
+
+
+def test_each_document_is_encoded_once_and_no_document_regularizer_runs(trained):
+    info = json.loads((trained["out"] / "run_info.json").read_text())
+    logged = [h for h in info["log_history"] if "contrastive" in h]
+    assert logged and all("reg_d" not in h for h in logged) and "reg_q" in logged[0]
+    assert info["doc_vectors"]["misses"] <= 200 * 4  # at most every distinct document once
+    assert info["doc_vectors"]["hits"] > info["doc_vectors"]["misses"]
+
+
+def test_doc_vectors_equal_the_encoding_they_replace():
+    base = SparseEncoder.from_pretrained(save_base_tmp())
+    batch = base.tokenize(TEXTS[:6], kind="doc")
+    batch.pop("n_truncated")
+    cache = DocVectors()
+    with torch.no_grad():
+        first = cache.vectors(base._encode_batch, batch)
+        again = cache.vectors(base._encode_batch, batch)
+        plain = base._encode_batch(**batch)
+    assert (cache.misses, cache.hits) == (6, 6)
+    torch.testing.assert_close(first, plain)
+    torch.testing.assert_close(again, plain)
+
+
+def save_base_tmp():
+    import tempfile
+    from pathlib import Path
+
+    return save_base(Path(tempfile.mkdtemp(prefix="csplade-frozen-")) / "base")
+
+
+def test_merging_or_training_on_a_frozen_docs_model_is_refused(trained, tmp_path):
+    with pytest.raises(ValueError, match="frozen_docs"):
+        merge_adapter(trained["out"], tmp_path / "merged")
+    argv = [
+        "--model_name_or_path", str(trained["out"]), "--train_data", "x.jsonl",
+        "--output_dir", str(tmp_path / "again"), "--use_cpu", "true", "--frozen_docs", "true",
+    ]  # fmt: skip
+    from csplade.training.loading import load_encoder_for_training
+
+    model_args = parse_recipe(None, argv)[0]
+    with pytest.raises(ValueError, match="frozen_docs"):
+        load_encoder_for_training(model_args)
+
+
+def test_frozen_docs_needs_lora_and_a_model_side():
+    from csplade.model.config import EncoderSettings
+    from csplade.training.arguments import ModelArguments
+
+    with pytest.raises(ValueError, match="frozen_docs"):
+        EncoderSettings(frozen_docs=True, lexical_residual=True, lexical_docs=True)
+    from csplade.training.loading import load_encoder_for_training
+
+    with pytest.raises(ValueError, match="use_lora"):
+        load_encoder_for_training(
+            ModelArguments(model_name_or_path=save_base_tmp(), frozen_docs=True)
+        )
