@@ -239,6 +239,7 @@ def reference_train_step(
     lr: float = LR,
     bf16: bool = False,
     fp32_names: tuple[str, ...] = (),
+    rounded_names: tuple[str, ...] = (),
 ) -> dict:
     """The weights one process must reach with the 2-process run of :func:`train_args`.
 
@@ -251,8 +252,10 @@ def reference_train_step(
     step's forward and backward on a bfloat16 copy of them (parameters and buffers), whose
     gradients update the masters; parameters whose names contain one of `fp32_names` stay float32
     in the copy (ZeRO-3 casts the model it loads under zero.Init, not the LoRA factors peft adds
-    after it). The tests also call it with `lr / 2`: a reference the run must
-    NOT match (what a gradient off by 2x in a wrong reduction would give).
+    after it); parameters whose names contain one of `rounded_names` start from their bfloat16
+    rounding (float32 masters of values the engine rounded once). The tests also call it with
+    `lr / 2`: a reference the run must NOT match (what a gradient off by 2x in a wrong reduction
+    would give).
     """
     from transformers import set_seed
 
@@ -269,6 +272,10 @@ def reference_train_step(
     dataset = load_training_groups(data_args, seed=3)
     if model_args.head_bias_df is not None:
         calibrate_on_training_docs(encoder, dataset, model_args.head_bias_df)
+    with torch.no_grad():
+        for name, param in encoder.named_parameters():
+            if any(part in name for part in rounded_names):
+                param.copy_(param.bfloat16().float())
     collate = GroupCollator(encoder.tokenize)
     for step in range(STEPS):
         halves = [

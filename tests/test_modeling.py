@@ -385,7 +385,7 @@ def test_folder_saved_by_csplade_0_1_loads(tmp_path):
     # settings added since take the value that computes what 0.1 computed
     no_op = {"logit_scale": 1.0, "pool_next_token": False, "lexical_residual": False,
              "lexical_scale": 1.0, "lexical_docs": False, "learned_top_k": None,
-             "lexical_analyzer": "tokens"}  # fmt: skip
+             "lexical_analyzer": "tokens", "frozen_docs": False}  # fmt: skip
     assert resaved == {**saved, **no_op}
 
 

@@ -75,6 +75,9 @@ def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
         apply_lora(encoder, model_args)
         if model_args.cache_frozen_layers:
             attach_prefix_cache(encoder, model_args.lora_last_layers)
+        # The adapter applies to the weights loaded here, not to the base they came from: a folder
+        # saved by `csplade adapt` records its own base (the raw backbone) as `base_model`.
+        encoder.config = replace(encoder.config, base_model=_as_base(model_args.model_name_or_path))
     if model_args.frozen_docs:
         if not model_args.use_lora:
             raise ValueError(
@@ -83,9 +86,6 @@ def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
         encoder.doc_vectors = DocVectors()
         if encoder.head_bias is not None:  # it shapes the documents' vectors too
             encoder.head_bias.requires_grad_(False)
-        # The adapter applies to the weights loaded here, not to the base they came from: a folder
-        # saved by `csplade adapt` records its own base (the raw backbone) as `base_model`.
-        encoder.config = replace(encoder.config, base_model=_as_base(model_args.model_name_or_path))
     encoder.train()
     return encoder
 
