@@ -52,9 +52,8 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "csplade_checkpoint_complete"
 RUN_INFO = "run_info.json"
-EVAL_HISTORY = (
-    Path("eval") / "history.json"
-)  # in a sub-folder: a final save replaces top-level files
+# the evaluations of a run; in a sub-folder, since a final save replaces the top-level files
+EVAL_HISTORY = Path("eval") / "history.json"
 
 # encoder -> {metric name: value}; optionally with .metric_names(encoder) and .summary(metrics)
 Evaluator = Callable[[SparseEncoder], dict[str, float]]
@@ -184,9 +183,9 @@ class CheckpointingTrainer(Trainer):
         metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in values.items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(seconds, 2)
         if self._clock is not None:
-            self._clock[1] += seconds
-            trained = started - self._clock[0] - (self._clock[1] - seconds)
+            trained = started - self._clock[0] - self._clock[1]  # less the earlier evaluations
             metrics[f"{metric_key_prefix}_train_seconds"] = round(trained, 1)
+            self._clock[1] += seconds
         if self.is_world_process_zero():
             summary = getattr(self.evaluator, "summary", None)
             text = (
