@@ -393,7 +393,12 @@ def _save_final(encoder: SparseEncoder, output_dir: Path) -> None:
 
 
 def _calibrate(
-    encoder: SparseEncoder, texts, doc_fraction: float, queries: bool, n: int = 512
+    encoder: SparseEncoder,
+    texts,
+    doc_fraction: float,
+    queries: bool,
+    n: int = 512,
+    show_progress: bool = True,
 ) -> None:
     """Calibrate the head bias on (up to `n` of) the adaptation texts; with `queries`, on a
     sentence of each of them as well, encoded as a query (:func:`query_length_spans`).
@@ -403,7 +408,7 @@ def _calibrate(
     docs = texts.select(range(min(n, len(texts))))["text"]
     spans = query_length_spans(docs) if queries else None
     with gathered(encoder):
-        encoder.calibrate_head_bias(docs, doc_fraction, queries=spans)
+        encoder.calibrate_head_bias(docs, doc_fraction, queries=spans, show_progress=show_progress)
 
 
 def run_adaptation(
@@ -458,7 +463,7 @@ def run_adaptation(
     eval_head_bias = None  # evaluate the model with the bias its save would calibrate
     if evaluator is not None and model_args.head_bias_df is not None:
         eval_head_bias = partial(_calibrate, texts=texts, doc_fraction=model_args.head_bias_df,
-                                 queries=model_args.head_bias_queries)  # fmt: skip
+                                 queries=model_args.head_bias_queries, show_progress=False)  # fmt: skip
     trainer = AdaptationTrainer(
         encoder, args=training_args, adapt_args=adapt_args, train_dataset=texts,
         evaluator=evaluator, eval_head_bias=eval_head_bias,

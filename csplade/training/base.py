@@ -44,6 +44,7 @@ from safetensors.torch import load_file
 from transformers import Trainer
 
 from csplade._io import write_json_atomic
+from csplade._logging import muted
 from csplade.model.encoder import SparseEncoder
 from csplade.model.io import load_head_bias
 from csplade.training.distributed import check_engine, unsharded_loading
@@ -319,7 +320,8 @@ def _evaluation_head_bias(
         return
     own, fingerprint = encoder.head_bias, encoder._fingerprint
     try:
-        set_bias(encoder)
+        with muted("csplade.model.calibration"):  # its line per calibration: one per evaluation
+            set_bias(encoder)
         yield
     finally:
         encoder.head_bias = own
