@@ -401,3 +401,22 @@ def test_two_processes_log_the_one_process_evaluation(task, tmp_path, engine):
     scores = [h["eval_synthetic-dev_ndcg@10"] for h in evals]
     best = evals[scores.index(max(scores))]["step"]
     assert info["best_checkpoint"] == str(out / f"checkpoint-{best}")
+
+
+def test_the_documented_commands_parse(data_root):
+    """docs/evaluation-during-training.md's two commands: valid keys, dev sets that exist, and (for
+    train) a best-checkpoint metric and save_steps transformers accepts."""
+    repo = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m"
+    slices = ["--eval_max_queries", "100", "--eval_max_docs", "1000"]
+    adapt = parse_recipe(repo / "adapt-bi.yaml", ["--eval_data", "scifact:test", *slices,
+                         "--eval_strategy", "steps", "--eval_steps", "25", "--eval_on_start",
+                         "true", "--use_cpu", "true"], types=ADAPT_TYPES)[-1]  # fmt: skip
+    train = parse_recipe(repo / "lexdocs-bi.yaml", ["--eval_data", "nfcorpus", "scifact:test",
+                         *slices, "--eval_own_vectors", "true", "--eval_doc_max_length", "256",
+                         "--eval_strategy", "steps", "--eval_steps", "50", "--eval_on_start", "true",
+                         "--load_best_model_at_end", "true", "--metric_for_best_model",
+                         "nfcorpus-dev_ndcg@10", "--use_cpu", "true"])[-1]  # fmt: skip
+    assert [s.name for s in train.eval_sets()] == ["nfcorpus-dev", "scifact-test"]
+    evaluator = RetrievalEvaluator.from_args(train)
+    assert [len(d.data.queries) for d in evaluator.dev_sets] == [100, 100]
+    assert adapt.eval_sets()[0].name == "scifact-test" and adapt.eval_steps == 25
