@@ -388,9 +388,12 @@ class SparseEncoder(nn.Module):
         doc_fraction: float = 0.01,
         batch_size: int = 16,
         queries: Sequence[str] | None = None,
+        show_progress: bool = True,
     ) -> torch.Tensor:
         """See :func:`csplade.model.head.calibration.calibrate_head_bias`."""
-        return calibration.calibrate_head_bias(self, texts, doc_fraction, batch_size, queries)
+        return calibration.calibrate_head_bias(
+            self, texts, doc_fraction, batch_size, queries, show_progress
+        )
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any

@@ -441,7 +441,12 @@ def _save_final(encoder: SparseEncoder, output_dir: Path) -> None:
 
 
 def _calibrate(
-    encoder: SparseEncoder, texts, doc_fraction: float, queries: bool, n: int = 512
+    encoder: SparseEncoder,
+    texts,
+    doc_fraction: float,
+    queries: bool,
+    n: int = 512,
+    show_progress: bool = True,
 ) -> None:
     """Calibrate the head bias on (up to `n` of) the adaptation texts; with `queries`, on a
     sentence of each of them as well, encoded as a query (:func:`query_length_spans`).
@@ -451,7 +456,7 @@ def _calibrate(
     docs = texts.select(range(min(n, len(texts))))["text"]
     spans = query_length_spans(docs) if queries else None
     with gathered(encoder):
-        encoder.calibrate_head_bias(docs, doc_fraction, queries=spans)
+        encoder.calibrate_head_bias(docs, doc_fraction, queries=spans, show_progress=show_progress)
 
 
 def run_adaptation(
@@ -514,7 +519,7 @@ def run_adaptation(
     if evaluator is not None and model_args.head_bias_df is not None and targets is None:
         eval_head_bias = partial(_calibrate, texts=texts, doc_fraction=model_args.head_bias_df,
                                  queries=model_args.head_bias_queries,
-                                 n=model_args.head_bias_texts)  # fmt: skip
+                                 n=model_args.head_bias_texts, show_progress=False)  # fmt: skip
     trainer = AdaptationTrainer(
         encoder, args=training_args, adapt_args=adapt_args, lexical_targets=targets,
         train_dataset=texts, evaluator=evaluator, eval_head_bias=eval_head_bias,

@@ -44,6 +44,7 @@ from safetensors.torch import load_file
 from transformers import Trainer
 
 from csplade._io import write_json_atomic
+from csplade._logging import muted
 from csplade.model.encoder import SparseEncoder
 from csplade.model.io import load_head_bias
 from csplade.training.distributed import check_engine, unsharded_loading
@@ -52,9 +53,8 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "csplade_checkpoint_complete"
 RUN_INFO = "run_info.json"
-EVAL_HISTORY = (
-    Path("eval") / "history.json"
-)  # in a sub-folder: a final save replaces top-level files
+# the evaluations of a run; in a sub-folder, since a final save replaces the top-level files
+EVAL_HISTORY = Path("eval") / "history.json"
 
 # encoder -> {metric name: value}; optionally with .metric_names(encoder) and .summary(metrics)
 Evaluator = Callable[[SparseEncoder], dict[str, float]]
@@ -201,9 +201,9 @@ class CheckpointingTrainer(Trainer):
         metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in values.items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(seconds, 2)
         if self._clock is not None:
-            self._clock[1] += seconds
-            trained = started - self._clock[0] - (self._clock[1] - seconds)
+            trained = started - self._clock[0] - self._clock[1]  # less the earlier evaluations
             metrics[f"{metric_key_prefix}_train_seconds"] = round(trained, 1)
+            self._clock[1] += seconds
         if self.is_world_process_zero():
             summary = getattr(self.evaluator, "summary", None)
             text = (
@@ -337,7 +337,8 @@ def _evaluation_head_bias(
         return
     own, fingerprint = encoder.head_bias, encoder._fingerprint
     try:
-        set_bias(encoder)
+        with muted("csplade.model.calibration"):  # its line per calibration: one per evaluation
+            set_bias(encoder)
         yield
     finally:
         encoder.head_bias = own

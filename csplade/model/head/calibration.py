@@ -32,7 +32,11 @@ _VOCAB_STEP = 8192  # vocabulary rows per logits chunk
 
 @torch.no_grad()
 def raw_max_logits(
-    encoder: Any, texts: Sequence[str], kind: str = "doc", batch_size: int = 16
+    encoder: Any,
+    texts: Sequence[str],
+    kind: str = "doc",
+    batch_size: int = 16,
+    show_progress: bool = True,
 ) -> torch.Tensor:
     """Max over each text's pooled positions of the LM-head logits, before any bias (n, V) float32.
 
@@ -50,7 +54,9 @@ def raw_max_logits(
     try:
         # 512 documents and 512 queries of SmolLM2-135M take about 2 minutes on 2 CPU cores
         steps = range(0, len(texts), batch_size)
-        for start in tqdm(steps, desc=f"head-bias calibration ({kind})", unit="batch"):
+        bar = tqdm(steps, desc=f"head-bias calibration ({kind})", unit="batch",
+                   disable=not show_progress)  # fmt: skip
+        for start in bar:
             batch = encoder.tokenize(texts[start : start + batch_size], kind=kind)
             batch.pop("n_truncated")
             batch = {k: v.to(encoder.device) for k, v in batch.items()}
@@ -71,10 +77,15 @@ def raw_max_logits(
 
 
 def _quantile(
-    encoder: Any, texts: Sequence[str], kind: str, fraction: float, batch_size: int
+    encoder: Any,
+    texts: Sequence[str],
+    kind: str,
+    fraction: float,
+    batch_size: int,
+    show_progress: bool = True,
 ) -> tuple[torch.Tensor, int]:
     """Per term, the (1 - fraction) quantile of its max-pooled logit over `texts`; texts used."""
-    raw = raw_max_logits(encoder, texts, kind=kind, batch_size=batch_size)  # (n, V)
+    raw = raw_max_logits(encoder, texts, kind, batch_size, show_progress)  # (n, V)
     raw = raw[torch.isfinite(raw).all(dim=1)]
     if raw.shape[0] < 2:
         raise ValueError(f"head-bias calibration needs at least 2 non-empty {kind} texts")
@@ -88,6 +99,7 @@ def calibrate_head_bias(
     doc_fraction: float = 0.01,
     batch_size: int = 16,
     queries: Sequence[str] | None = None,
+    show_progress: bool = True,
 ) -> torch.Tensor:
     """Set a per-term bias so that each term is active in about `doc_fraction` of `texts`.
 
@@ -107,14 +119,16 @@ def calibrate_head_bias(
             raise ValueError(
                 "a lexical_docs encoder's documents use no head: calibrate on queries (queries=...)"
             )
-        quantile, n_queries = _quantile(encoder, queries, "query", doc_fraction, batch_size)
+        quantile, n_queries = _quantile(
+            encoder, queries, "query", doc_fraction, batch_size, show_progress
+        )
         what = f"{n_queries} queries (its documents use no head)"
     else:
-        quantile, n_docs = _quantile(encoder, texts, "doc", doc_fraction, batch_size)
+        quantile, n_docs = _quantile(encoder, texts, "doc", doc_fraction, batch_size, show_progress)
         what = f"{n_docs} texts"
         if queries is not None:
             query_quantile, n_queries = _quantile(
-                encoder, queries, "query", doc_fraction, batch_size
+                encoder, queries, "query", doc_fraction, batch_size, show_progress
             )
             quantile = torch.maximum(quantile, query_quantile)
             what = f"{n_docs} texts and {n_queries} queries"
