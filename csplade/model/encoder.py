@@ -207,7 +207,16 @@ class SparseEncoder(nn.Module):
         rows = lexical_mod.token_rows(
             self.tokenizer, texts, analyzer, batch_size, desc="lexical statistics"
         )
-        self.lexical = lexical_mod.statistics(rows, self.vocab_size)
+        self.use_lexical(lexical_mod.statistics(rows, self.vocab_size))
+
+    def use_lexical(self, weights: lexical_mod.LexicalWeights) -> None:
+        """Use `weights` for the lexical residual (an index's collection statistics, say); the
+        fingerprint follows."""
+        if weights.idf.numel() != self.vocab_size:
+            raise ValueError(
+                f"lexical weights have {weights.idf.numel()} entries, the vocabulary {self.vocab_size}"
+            )
+        self.lexical = weights
         self._fingerprint = None
 
     def document_idf(self, texts: Iterable[str], batch_size: int = 1024) -> torch.Tensor:

@@ -38,10 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from csplade._io import atomic_write
 from csplade.model.config import LEXICAL_ANALYZERS, LEXICAL_NAME
 
 logger = logging.getLogger(__name__)
@@ -215,11 +217,13 @@ def learned_part(reps: torch.Tensor, batch: dict) -> torch.Tensor:
 
 
 def save(weights: LexicalWeights, folder: str | os.PathLike) -> None:
+    """Write `weights` into `folder` (an encoder's, or an index's) atomically."""
     tensors = {
         "idf": weights.idf.detach().float().cpu().contiguous(),
         "lengths": weights.lengths.to(torch.int64).cpu().contiguous(),
     }
-    save_file(tensors, Path(folder) / LEXICAL_NAME)
+    with atomic_write(Path(folder) / LEXICAL_NAME, "wb") as handle:
+        handle.write(safetensors.torch.save(tensors))
 
 
 def load(folder: str | os.PathLike) -> LexicalWeights | None:
