@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 
 from csplade.cli.common import add_batch_size, add_device, non_negative, number_list, positive
-from csplade.data.mining import MiningOptions, mine
+from csplade.data.ensemble import NORMALIZATIONS
 from csplade.data.pseudo import PSEUDO_METHODS
-from csplade.data.teachers import NORMALIZATIONS, score_groups
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -98,6 +97,8 @@ def _register_teacher_scores(sub) -> None:
 
 
 def _mine(args: argparse.Namespace) -> int:
+    from csplade.data.mining import MiningOptions, mine
+
     options = MiningOptions(
         model=args.model,
         run_file=args.run,
@@ -120,6 +121,8 @@ def _mine(args: argparse.Namespace) -> int:
 
 
 def _teacher_scores(args: argparse.Namespace) -> int:
+    from csplade.data.teachers import score_groups
+
     teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
     info = score_groups(
         args.groups,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from csplade.cli.common import add_batch_size, add_device, add_dtype, non_negative, positive
-from csplade.evaluation.beir_eval import EvalOptions, SystemSpec, evaluate
-from csplade.index.identity import LEXICAL_STATS
+from csplade.model.config import LEXICAL_STATS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from csplade.evaluation.beir_eval import EvalOptions, SystemSpec, evaluate
+
     systems = [SystemSpec.parse(m) for m in args.model]
     systems += [SystemSpec.parse(b) for b in args.baseline]
     options = EvalOptions(

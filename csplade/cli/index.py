@@ -34,8 +34,6 @@ import os
 import time
 from pathlib import Path
 
-from accelerate import PartialState
-
 from csplade._io import atomic_write
 from csplade.cli.common import (
     add_model_loading,
@@ -51,7 +49,6 @@ from csplade.index import (
     SeismicConfig,
     SeismicSearcher,
     encode_corpus,
-    identity,
     load_index,
     write_trec_run,
 )
@@ -62,9 +59,7 @@ from csplade.index.export import (
     write_anserini_queries,
     write_qdrant_jsonl,
 )
-from csplade.index.identity import LEXICAL_STATS
-from csplade.model.encoder import SparseEncoder
-from csplade.training.distributed import cpu_only_launch
+from csplade.model.config import LEXICAL_STATS
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +241,10 @@ def _corpus_file(corpus: str) -> Path:
 def _partial_state(device: str | None):
     """accelerate's process state: rank, world size, barrier and this process's device."""
     # Several processes on a machine without GPUs: join them over gloo (see CspladeTrainingArguments).
+    from accelerate import PartialState
+
+    from csplade.training.distributed import cpu_only_launch
+
     state = PartialState(cpu=cpu_only_launch())
     return state, device or str(state.device)
 
@@ -272,6 +271,9 @@ def _read_corpus(corpus: Path, max_docs: int | None) -> tuple[list[str], list[st
 
 
 def _encode(args: argparse.Namespace) -> int:
+    from csplade.index import identity
+    from csplade.model.encoder import SparseEncoder
+
     if args.scale is not None and args.quantize != "uint8":
         raise ValueError("--scale needs --quantize uint8")
     doc_ids, texts = _read_corpus(_corpus_file(args.corpus), args.max_docs)
@@ -323,6 +325,8 @@ def _report_encoding(args, manifest: dict, world: int, encoded: int, seconds: fl
 
 
 def _search(args: argparse.Namespace) -> int:
+    from csplade.index.identity import encoder_for_index
+
     queries = read_queries(args.queries)
     seismic_knobs = {
         f.name: getattr(args, f"seismic_{f.name}")
@@ -332,7 +336,7 @@ def _search(args: argparse.Namespace) -> int:
     if seismic_knobs and args.backend != "seismic":
         flags = ", ".join("--" + k.replace("_", "-") for k in seismic_knobs)
         raise ValueError(f"{flags} only apply to --backend seismic")
-    encoder = identity.encoder_for_index(args.index, args.model, args.device, args.dtype)
+    encoder = encoder_for_index(args.index, args.model, args.device, args.dtype)
     docs, doc_ids, _ = load_index(args.index)
     query_ids = list(queries)
     start = time.perf_counter()
@@ -366,11 +370,13 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from csplade.index.identity import encoder_for_index
+
     formats = list(dict.fromkeys(args.format))
     queries = read_queries(args.queries) if args.queries else None
     encoder = vocab = None
     if queries is not None or set(formats) - {"qdrant"}:  # qdrant docs need no token names
-        encoder = identity.encoder_for_index(args.index, args.model, args.device, args.dtype)
+        encoder = encoder_for_index(args.index, args.model, args.device, args.dtype)
         vocab = encoder.vocabulary()
     written = export_index(args.index, args.out, vocab or [], formats=formats, field=args.field)
     if queries is not None:

@@ -23,11 +23,10 @@ from typing import Any
 from csplade.index.shards import read_manifest
 from csplade.index.storage import fingerprint_ids, settings_diff
 from csplade.model import lexical
+from csplade.model.config import LEXICAL_STATS
 from csplade.model.encoder import SparseEncoder
 
 logger = logging.getLogger(__name__)
-
-LEXICAL_STATS = ("model", "collection")  # where a lexical residual's IDF and lengths come from
 
 
 def _model_ref(model: str) -> str:

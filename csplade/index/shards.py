@@ -50,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from csplade._io import atomic_write
 from csplade.index.storage import (
@@ -364,7 +363,7 @@ def _encode_shards(
 ) -> int | None:
     """Encode and write the shards in `todo`, recording each as it lands; returns V."""
     settings = job.settings
-    bar = tqdm(
+    bar = progress(
         total=sum(job.shard_docs(i) for i in job.mine),
         initial=sum(job.shard_docs(i) for i in set(job.mine) - set(todo)),
         unit="doc",

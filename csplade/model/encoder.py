@@ -40,8 +40,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from csplade._progress import progress
 from csplade.model import inference_free, inputs
 from csplade.model import io as model_io
 from csplade.model import lexical as lexical_mod
@@ -415,7 +415,7 @@ class SparseEncoder(nn.Module):
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         was_training = self.training
         self.eval()
-        bar = tqdm(
+        bar = progress(
             total=len(texts), unit=kind, desc=f"encode {_PLURAL[kind]}", disable=not show_progress
         )
         try:

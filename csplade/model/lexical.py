@@ -19,8 +19,7 @@ the text's first word has no leading space, so ``Breast`` opening a query is not
 the documents). ``words`` reads what a BM25 library indexes: bm25s's analyzer (lower-cased words of 2+
 word characters, English stopwords dropped), each word then tokenized by the model with its leading
 space, so the residual stays on vocabulary ids the learned terms share. ``stems`` also stems the words
-(Snowball English, PyStemmer). On whole test collections (``eval/README.md``), NFCorpus's residual goes
-0.190 (tokens) -> 0.307 (words) -> 0.312 (stems) nDCG@10.
+(Snowball English, PyStemmer). How much each reading matters per collection: ``eval/README.md``.
 
 Written here rather than with a BM25 library: bm25s and Lucene score a collection over their own word
 tokenizers, and this residual is part of one text's vector, on the model's token ids, computed per
@@ -41,9 +40,9 @@ import numpy as np
 import safetensors.torch
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from csplade._io import atomic_write
+from csplade._progress import progress
 from csplade.model.config import LEXICAL_ANALYZERS, LEXICAL_NAME
 
 logger = logging.getLogger(__name__)
@@ -122,7 +121,7 @@ def token_rows(
 ) -> Iterator[list[int]]:
     """:func:`analyzed_rows` of every text, tokenized a batch at a time, with progress."""
     batch: list[str] = []
-    for text in tqdm(texts, desc=desc, unit="doc"):
+    for text in progress(texts, desc=desc, unit="doc"):
         batch.append(text)
         if len(batch) == batch_size:
             yield from analyzed_rows(tokenizer, batch, analyzer)
