@@ -250,6 +250,34 @@ def train_stage(
     return time.time() - started
 
 
+def mine_stage(
+    scifact: Path, out: Path, settings: DemoSettings, split: str
+) -> tuple[Path, float | None]:
+    """The training data: the BEIR folder itself, or BM25 negatives mined from it (seconds taken,
+    None when reused or not mined)."""
+    if not settings.negatives:
+        return scifact, None
+    groups = out / f"groups-bm25-{split}.jsonl"
+    if groups.exists():
+        return groups, None
+    started = time.time()
+    mine(scifact, groups, model="bm25", split=split, n_negatives=settings.negatives)
+    return groups, time.time() - started
+
+
+def _systems(settings: DemoSettings, train_dir: Path, backbone: Path) -> list[SystemSpec]:
+    """The trained model beside BM25 and stemmed BM25 (and the untrained backbone, if asked)."""
+    variant = settings.variant
+    systems = [
+        SystemSpec(f"{settings.name}-{variant}-trained", str(train_dir)),
+        SystemSpec("bm25", None),
+        SystemSpec("bm25-stem", None),  # the stronger lexical reference: stemmed words
+    ]
+    if settings.compare_untrained:
+        systems.insert(0, SystemSpec(f"{settings.name}-{variant}-untrained", str(backbone)))
+    return systems
+
+
 def run_demo(
     out: str | os.PathLike = "runs/demo",
     full: bool = False,
@@ -277,14 +305,9 @@ def run_demo(
     seconds = adapt_stage(scifact, backbone, adapt_dir, settings)
     if seconds is not None:
         timings["adapt_s"] = seconds
-    train_data: Path = scifact
-    if settings.negatives:
-        train_data = out / f"groups-bm25-{train_split}.jsonl"
-        if not train_data.exists():
-            started = time.time()
-            mine(scifact, train_data, model="bm25", split=train_split,
-                 n_negatives=settings.negatives)  # fmt: skip
-            timings["mine_s"] = time.time() - started
+    train_data, seconds = mine_stage(scifact, out, settings, train_split)
+    if seconds is not None:
+        timings["mine_s"] = seconds
     train_dir = out / f"train-{variant}"
     seconds = train_stage(
         settings.recipe,
@@ -298,15 +321,8 @@ def run_demo(
         timings["train_s"] = seconds
     started = time.time()
     overrides = {"doc_max_length": settings.eval_doc_max_length}
-    systems = [
-        SystemSpec(f"{settings.name}-{variant}-trained", str(train_dir)),
-        SystemSpec("bm25", None),
-        SystemSpec("bm25-stem", None),  # the stronger lexical reference: stemmed words
-    ]
-    if settings.compare_untrained:
-        systems.insert(0, SystemSpec(f"{settings.name}-{variant}-untrained", str(backbone)))
     written = evaluate(
-        systems,
+        _systems(settings, train_dir, backbone),
         [str(scifact)],
         out / ("eval-full" if full else "eval"),
         split=eval_split,

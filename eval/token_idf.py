@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from csplade._io import write_json_atomic
+from csplade._progress import progress
 from csplade.data.beir import find_dataset, load_beir
 from csplade.evaluation.beir_eval import slice_data
 from csplade.evaluation.metrics import evaluate_run
@@ -76,7 +76,7 @@ def token_idf_run(
     vocab = len(tokenizer)
     fold = str.lower if lowercase else str
     docs = []
-    for start in tqdm(
+    for start in progress(
         range(0, len(data.doc_texts), 1024), desc=f"{data.name} tokens", unit="batch"
     ):
         batch = [fold(text) for text in data.doc_texts[start : start + 1024]]
@@ -100,7 +100,7 @@ def bm25_tokens_run(tokenizer, data, analyzer: str, doc_max_length: int, k: int 
     ids read by `analyzer`, documents cut at `doc_max_length`, IDF and mean length of the collection."""
     vocab = len(tokenizer)
     docs = []
-    for start in tqdm(
+    for start in progress(
         range(0, len(data.doc_texts), 1024), desc=f"{data.name} {analyzer}", unit="batch"
     ):
         rows = lexical.analyzed_rows(tokenizer, data.doc_texts[start : start + 1024], analyzer)
@@ -139,7 +139,9 @@ def residual_run(encoder, data, batch_size: int = 256, k: int = 1000) -> dict:
 
     def vectors(texts: list[str], kind: str) -> sp.csr_matrix:
         rows = []
-        for start in tqdm(range(0, len(texts), batch_size), desc=f"{data.name} {kind} residual"):
+        for start in progress(
+            range(0, len(texts), batch_size), desc=f"{data.name} {kind} residual"
+        ):
             batch = encoder.tokenize(texts[start : start + batch_size], kind)
             dense = lexical.batch_residual(batch, encoder.vocab_size)
             rows.append(sp.csr_matrix(dense.numpy()))
@@ -178,7 +180,7 @@ def residual_loss(
     collate = GroupCollator(encoder.tokenize)
     values = []
     starts = range(0, len(dataset) - batch_size + 1, batch_size)
-    for start in tqdm(starts, desc="residual loss", unit="batch"):
+    for start in progress(starts, desc="residual loss", unit="batch"):
         batch = collate([dataset[i] for i in range(start, start + batch_size)])
         q, d = (
             lexical.batch_residual(batch[kind], encoder.vocab_size) for kind in ("query", "doc")

@@ -261,9 +261,9 @@ def reference_train_step(
 
     from csplade.data.groups import load_training_groups
     from csplade.data.sampling import GroupCollator
-    from csplade.training.contrastive import calibrate_on_training_docs
     from csplade.training.loading import load_encoder_for_training
     from csplade.training.recipe import parse_recipe
+    from csplade.training.setup import calibrate_on_training_docs
 
     argv = train_args(base, groups, out, "--use_cpu", "true", *extra)
     model_args, _, data_args, _ = parse_recipe(None, argv)

@@ -202,3 +202,49 @@ def test_help_prints_nothing_on_stderr(argv):
     )
     assert result.returncode == 0 and "usage: csplade" in result.stdout
     assert result.stderr == "", result.stderr
+
+
+HEAVY = ("torch", "transformers", "datasets", "accelerate", "peft", "deepspeed", "bitsandbytes")
+
+
+def test_help_loads_no_heavy_package():
+    """`csplade --help` and `csplade VERB --help` answer without torch, transformers and the rest:
+    every verb imports the library modules it runs only when it runs (csplade.cli)."""
+    verbs = sorted({name.split()[0] for name, _ in _verbs(build_parser())})
+    probe = (
+        "import sys, contextlib, io\n"
+        "from csplade.cli import main\n"
+        f"heavy = {HEAVY!r}\n"
+        "for argv in [[]] + [[v] for v in sys.argv[1:]]:\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main([*argv, '--help'])\n"
+        "    loaded = sorted(m for m in heavy if m in sys.modules)\n"
+        "    assert not loaded, (argv, loaded)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *verbs], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(verbs) >= 15
+
+
+def test_progress_bars_refresh_a_log_file_sparsely():
+    """Without a terminal (a log file) a bar is refreshed at most every LOG_INTERVAL seconds, so a
+    long loop writes a few states, not one line per update; a terminal keeps tqdm's refresh."""
+    import io
+
+    from csplade._progress import LOG_INTERVAL, progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    log = io.StringIO()
+    with progress(total=100_000, file=log, desc="docs") as bar:
+        assert bar.mininterval == LOG_INTERVAL
+        for _ in range(100_000):
+            bar.update(1)
+    assert log.getvalue().count("\r") <= 3 and "100000/100000" in log.getvalue()
+    with progress(total=1, file=Terminal()) as bar:
+        assert bar.mininterval == 0.1

@@ -10,7 +10,8 @@ import pytest
 import torch
 from synthetic import save_base, write_groups
 
-from csplade.data.teachers import ensemble, normalize_scores, score_groups
+from csplade.data.ensemble import ensemble, normalize_scores
+from csplade.data.teachers import score_groups
 from csplade.model.encoder import SparseEncoder
 from csplade.training.contrastive import run_training
 from csplade.training.recipe import parse_recipe

@@ -431,3 +431,49 @@ def test_eval_can_reestimate_the_lexical_statistics_on_each_corpus(tiny_encoder_
         evaluate([], [str(folder)], tmp_path / "x", lexical_stats="corpus")
     with pytest.raises(ValueError, match="no lexical residual"):
         tiny_encoder_factory().fit_lexical(doc_texts)
+
+
+def test_encode_then_search_with_collection_statistics_equals_eval(tiny_encoder_factory, tmp_path):
+    """`csplade encode --lexical-stats collection` stores the corpus's lexical statistics with the
+    index and `csplade search` reads them back: the run equals `csplade eval --lexical-stats
+    collection`'s, and differs from an index built with the statistics saved with the model."""
+    from beir_folder import write_beir
+
+    from csplade.cli import main
+    from csplade.evaluation.beir_eval import EvalOptions, SystemSpec, evaluate
+    from csplade.index import read_manifest, read_trec_run
+
+    corpus = random_texts(60, min_words=3, max_words=30, seed=21)
+    queries = {f"q{i}": " ".join(corpus[i].split()[:3]) for i in range(12)}
+    folder = write_beir(tmp_path / "data", {f"d{i}": ("", t) for i, t in enumerate(corpus)},
+                        queries, [(f"q{i}", f"d{i}", 1) for i in range(12)], split="test")  # fmt: skip
+    encoder = tiny_encoder_factory(lexical_residual=True, lexical_analyzer="words", variant="bi",
+                                   query_prefix="query: ")  # fmt: skip
+    training_docs = random_texts(200, min_words=3, max_words=8, seed=22)
+    encoder.lexical = lexical.statistics(encoder.lexical_rows(training_docs), encoder.vocab_size)
+    model = tmp_path / "model"
+    encoder.save_pretrained(model)
+
+    def encode_and_search(name: str, *flags: str) -> dict:
+        index, run = tmp_path / f"index-{name}", tmp_path / f"{name}.trec"
+        assert main(["encode", "--model", str(model), "--corpus", str(folder), "--out", str(index),
+                     *flags]) == 0  # fmt: skip
+        assert main(["search", "--index", str(index), "--queries", str(folder / "queries.jsonl"),
+                     "--out", str(run), "--k", "20"]) == 0  # fmt: skip
+        return index, read_trec_run(run)
+
+    index, searched = encode_and_search("collection", "--lexical-stats", "collection")
+    assert read_manifest(index)["settings"]["describe"]["lexical_stats"] == "collection"
+    assert not torch.equal(lexical.load(index).idf, encoder.lexical.idf)
+    options = EvalOptions(k=20, latency_queries=0, lexical_stats="collection")
+    evaluate([SystemSpec("model", str(model))], [str(folder)], tmp_path / "eval", options)
+    evaluated = read_trec_run(tmp_path / "eval" / "data" / "model.trec")
+    assert searched.keys() == evaluated.keys() == set(queries)
+    for q in queries:
+        assert list(searched[q]) == list(evaluated[q])
+        np.testing.assert_allclose(
+            list(searched[q].values()), list(evaluated[q].values()), rtol=1e-6
+        )
+    index_model, kept = encode_and_search("model")
+    assert "lexical_stats" not in read_manifest(index_model)["settings"]["describe"]
+    assert any(list(kept[q].items())[:5] != list(searched[q].items())[:5] for q in queries)

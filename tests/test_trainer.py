@@ -241,7 +241,7 @@ def test_recalibrate_replaces_a_bias_with_one_set_on_the_training_data(task, tmp
     """An adapted model's bias was set on other texts at other lengths: with head_bias_recalibrate
     the run starts from a bias calibrated on its training documents and queries (lr 0 keeps it)."""
     from csplade.data.groups import load_training_groups
-    from csplade.training.contrastive import calibrate_on_training_docs
+    from csplade.training.setup import calibrate_on_training_docs
 
     start = tmp_path / "adapted"
     encoder = SparseEncoder.from_pretrained(task["base"])

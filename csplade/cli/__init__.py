@@ -4,6 +4,12 @@ Each area of the library owns one module here that adds its verbs to the parser 
 turns parsed arguments into library calls. Printing happens only in this package; the library logs.
 Verbs: backbone, encode, search, eval, export, mine, adapt, train, merge, card, push, teacher-scores,
 quant-sweep, plan, demo (each module lists its own).
+
+The parser answers at once: a verb module imports at its top only what its arguments need (argparse,
+:mod:`csplade.cli.common`, names from light modules such as :mod:`csplade.model.config`), and each
+verb's function imports the library modules it runs (torch, transformers, datasets…) when it runs.
+This is the one place where csplade's own modules are imported inside functions, deliberately:
+`csplade --help` and `csplade VERB --help` would otherwise load the whole stack (seconds).
 """
 
 from __future__ import annotations

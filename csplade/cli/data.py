@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 
 from csplade.cli.common import add_batch_size, add_device, non_negative, number_list, positive
-from csplade.data.mining import mine
+from csplade.data.ensemble import NORMALIZATIONS
 from csplade.data.pseudo import PSEUDO_METHODS
-from csplade.data.teachers import NORMALIZATIONS, score_groups
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -98,22 +97,23 @@ def _register_teacher_scores(sub) -> None:
 
 
 def _mine(args: argparse.Namespace) -> int:
-    stats = mine(
-        args.data,
-        args.out,
+    from csplade.data.mining import MiningOptions, mine
+
+    options = MiningOptions(
         model=args.model,
         run_file=args.run,
         split=args.split,
         depth=args.depth,
         n_negatives=args.negatives,
         skip_top=args.skip_top,
-        index_dir=args.index_dir,
-        batch_size=args.batch_size,
-        device=args.device,
         pseudo=args.pseudo_queries,
         max_queries=args.max_queries,
         seed=args.seed,
+        index_dir=args.index_dir,
+        batch_size=args.batch_size,
+        device=args.device,
     )
+    stats = mine(args.data, args.out, options)
     print(f"groups: {args.out}")
     for key, value in stats.items():
         print(f"{key}: {value}")
@@ -121,6 +121,8 @@ def _mine(args: argparse.Namespace) -> int:
 
 
 def _teacher_scores(args: argparse.Namespace) -> int:
+    from csplade.data.teachers import score_groups
+
     teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
     info = score_groups(
         args.groups,

@@ -7,7 +7,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-from csplade.demo import DEMO, for_variant, run_demo
 from csplade.model.config import VARIANTS
 
 
@@ -35,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from csplade.demo import DEMO, for_variant, run_demo
+
     settings = for_variant(args.variant) if args.variant else DEMO
     if args.compare_untrained:
         settings = dataclasses.replace(settings, compare_untrained=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from csplade.cli.common import add_batch_size, add_device, add_dtype, non_negative, positive
-from csplade.evaluation.beir_eval import LEXICAL_STATS, SystemSpec, evaluate
+from csplade.model.config import LEXICAL_STATS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,12 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from csplade.evaluation.beir_eval import EvalOptions, SystemSpec, evaluate
+
     systems = [SystemSpec.parse(m) for m in args.model]
     systems += [SystemSpec.parse(b) for b in args.baseline]
-    written = evaluate(
-        systems,
-        args.datasets,
-        args.out,
+    options = EvalOptions(
         split=args.split,
         max_docs=args.max_docs,
         max_queries=args.max_queries,
@@ -83,6 +82,7 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         lexical_stats=args.lexical_stats,
     )
+    written = evaluate(systems, args.datasets, args.out, options)
     print(written["table"].read_text())
     for kind, path in written.items():
         print(f"{kind}: {path}")

@@ -12,9 +12,11 @@ was loaded from, the dtype, the pruning options and a fingerprint of the documen
 is not recorded, so a resumed run may use another one (after an out-of-memory, say).
 
 `search` and `export` reload that model by default. When it cannot be loaded here (the index was moved,
-the model folder was deleted), `--model` is required, and in every case the loaded encoder's `describe()`
-must equal the one in the manifest (a model retrained in place has another fingerprint): queries encoded
-by another model than the documents would give a meaningless run, so this is an error, not a warning.
+the model folder was deleted), `--model` is required, and in every case the loaded encoder must be the
+one that built the index (:mod:`csplade.index.identity`): queries encoded by another model than the
+documents would give a meaningless run, so this is an error, not a warning. `encode --lexical-stats
+collection` estimates a lexical residual's statistics on the corpus and stores them with the index;
+`search` and `export` read them back.
 
 Queries (`--queries`): a BEIR `queries.jsonl` (or a BEIR folder), or any other file as TSV lines
 `query-id<TAB>text` (MS MARCO style, no header).
@@ -31,9 +33,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
-
-from accelerate import PartialState
 
 from csplade._io import atomic_write
 from csplade.cli.common import (
@@ -51,7 +50,6 @@ from csplade.index import (
     SeismicSearcher,
     encode_corpus,
     load_index,
-    read_manifest,
     write_trec_run,
 )
 from csplade.index.export import (
@@ -61,9 +59,7 @@ from csplade.index.export import (
     write_anserini_queries,
     write_qdrant_jsonl,
 )
-from csplade.index.storage import fingerprint_ids
-from csplade.model.encoder import SparseEncoder
-from csplade.training.distributed import cpu_only_launch
+from csplade.model.config import LEXICAL_STATS
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +113,14 @@ def _register_encode(sub) -> None:
     p.add_argument("--top-k", type=positive, default=None, help="keep the k largest weights")
     p.add_argument(
         "--threshold", type=non_negative_float, default=None, help="drop weights below this"
+    )
+    p.add_argument(
+        "--lexical-stats",
+        choices=LEXICAL_STATS,
+        default="model",
+        help="models with a lexical residual: IDF and document lengths saved with the model "
+        "(model, the default) or estimated on this corpus (collection, as BM25 does), stored with "
+        "the index and used by `search` and `export`",
     )
     add_model_loading(p, batch_what="docs")
     p.set_defaults(func=_encode)
@@ -234,74 +238,13 @@ def _corpus_file(corpus: str) -> Path:
     return path / "corpus.jsonl" if path.is_dir() else path
 
 
-def _model_ref(model: str) -> str:
-    """What the manifest records to reload the model: an absolute folder, or the name as given."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
-
-
-def _dtype_name(encoder) -> str:
-    return str(next(encoder.parameters()).dtype).removeprefix("torch.")
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += _diff(old.get(key, "<missing>"), new.get(key, "<missing>"), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} (index) != {new!r} (model)"]
-
-
-def _load_encoder(model: str, device: str | None, dtype: str | None):
-    return SparseEncoder.from_pretrained(model, device=device, dtype=dtype)
-
-
-def _encoder_for_index(index_dir: str, model: str | None, device: str | None, dtype: str | None):
-    """The encoder that built `index_dir`: `model`, or the one the manifest records; checked."""
-    describe = read_manifest(index_dir)["settings"]["describe"]  # a dict (encode_corpus checks)
-    recorded = describe.get("encoder")
-    dtype = dtype or describe.get("dtype")  # the dtype the documents were encoded in
-    if model is None:
-        model = describe.get("model")
-        if model is None:
-            raise ValueError(
-                f"{index_dir}: the manifest records no model to reload; pass --model (the encoder "
-                "that encoded this index)"
-            )
-        try:
-            encoder = _load_encoder(model, device, dtype)
-        except OSError as exc:  # FileNotFoundError included: moved or deleted
-            raise ValueError(
-                f"{index_dir} was encoded with model {model!r}, which cannot be loaded here "
-                f"({exc}); pass --model with that encoder"
-            ) from None
-    else:
-        encoder = _load_encoder(model, device, dtype)
-    if recorded is None:
-        logger.warning(
-            "%s: the manifest records no encoder description; cannot check that %s encoded it",
-            index_dir,
-            model,
-        )
-        return encoder
-    diffs = _diff(_jsonable(recorded), _jsonable(encoder.describe()))
-    if diffs:
-        raise ValueError(
-            f"model {model!r} is not the encoder that built {index_dir}:\n  "
-            + "\n  ".join(diffs)
-            + "\nQueries must be encoded by the same model and settings as the documents."
-        )
-    return encoder
-
-
 def _partial_state(device: str | None):
     """accelerate's process state: rank, world size, barrier and this process's device."""
     # Several processes on a machine without GPUs: join them over gloo (see CspladeTrainingArguments).
+    from accelerate import PartialState
+
+    from csplade.training.distributed import cpu_only_launch
+
     state = PartialState(cpu=cpu_only_launch())
     return state, device or str(state.device)
 
@@ -313,31 +256,37 @@ def _dir_mb(folder: Path) -> float:
 # ------------------------------------------------------------------------------------------ verbs
 
 
-def _encode(args: argparse.Namespace) -> int:
-    if args.scale is not None and args.quantize != "uint8":
-        raise ValueError("--scale needs --quantize uint8")
-    corpus = _corpus_file(args.corpus)
+def _read_corpus(corpus: Path, max_docs: int | None) -> tuple[list[str], list[str]]:
+    """(doc ids, texts) of a corpus file, its first `max_docs` when given."""
     doc_ids: list[str] = []
     texts: list[str] = []
     for doc_id, doc in iter_corpus(corpus):
-        if args.max_docs is not None and len(doc_ids) >= args.max_docs:
+        if max_docs is not None and len(doc_ids) >= max_docs:
             break
         doc_ids.append(doc_id)
         texts.append(doc_text(doc))
     if not doc_ids:
         raise ValueError(f"{corpus}: no documents")
+    return doc_ids, texts
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from csplade.index import identity
+    from csplade.model.encoder import SparseEncoder
+
+    if args.scale is not None and args.quantize != "uint8":
+        raise ValueError("--scale needs --quantize uint8")
+    doc_ids, texts = _read_corpus(_corpus_file(args.corpus), args.max_docs)
     state, device = _partial_state(args.device)
     rank, world = state.process_index, state.num_processes
     logger.info("rank %d of %d: encoding on %s", rank, world, device)
-    encoder = _load_encoder(args.model, device, args.dtype)
-    describe = {
-        "encoder": encoder.describe(),
-        "model": _model_ref(args.model),
-        "dtype": _dtype_name(encoder),
-        "top_k": args.top_k,
-        "threshold": args.threshold,
-        "texts_sha256": fingerprint_ids(texts),
-    }
+    encoder = SparseEncoder.from_pretrained(args.model, device=device, dtype=args.dtype)
+    stats = identity.fit_to_collection(encoder, texts, args.lexical_stats)
+    if stats == "collection" and state.is_main_process:
+        identity.save_collection_statistics(encoder, args.out)
+    record = identity.encoding_record(
+        encoder, args.model, texts, args.top_k, args.threshold, lexical_stats=stats
+    )
     encoded = [0]  # docs encoded by this process in this run (not reused from an earlier one)
 
     def encode_fn(batch: list[str]):
@@ -352,37 +301,32 @@ def _encode(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     manifest = encode_corpus(
-        encode_fn,
-        doc_ids,
-        texts,
-        args.out,
-        describe=describe,
-        shard_size=args.shard_size,
-        quantize=args.quantize,
-        scale=args.scale,
-        rank=rank,
-        world_size=world,
-        barrier=state.wait_for_everyone,
-        overwrite=args.overwrite,
-    )
-    seconds = time.perf_counter() - start
-    if manifest is None:  # not rank 0: rank 0 reports
-        return 0
+        encode_fn, doc_ids, texts, args.out, describe=record, shard_size=args.shard_size,
+        quantize=args.quantize, scale=args.scale, rank=rank, world_size=world,
+        barrier=state.wait_for_everyone, overwrite=args.overwrite,
+    )  # fmt: skip
+    if manifest is not None:  # rank 0 reports
+        _report_encoding(args, manifest, world, encoded[0], time.perf_counter() - start)
+    return 0
+
+
+def _report_encoding(args, manifest: dict, world: int, encoded: int, seconds: float) -> None:
     n_docs = manifest["settings"]["n_docs"]
-    rate = f", {encoded[0] / seconds:.1f} docs/s" if encoded[0] else ""
+    rate = f", {encoded / seconds:.1f} docs/s" if encoded else ""
     print(
         f"index: {args.out}\n"
         f"docs: {n_docs} in {manifest['n_shards']} shards, V={manifest['vocab_size']}\n"
         f"nnz/doc: {manifest['nnz'] / max(n_docs, 1):.1f}\n"
         f"size: {_dir_mb(Path(args.out)):.2f} MiB ({args.quantize or 'float32'})\n"
         f"processes: {world}\n"
-        f"this run: rank 0 encoded {encoded[0]} docs in {seconds:.1f}s{rate}"
-        + (" (everything else was already encoded)" if encoded[0] < n_docs else "")
+        f"this run: rank 0 encoded {encoded} docs in {seconds:.1f}s{rate}"
+        + (" (everything else was already encoded)" if encoded < n_docs else "")
     )
-    return 0
 
 
 def _search(args: argparse.Namespace) -> int:
+    from csplade.index.identity import encoder_for_index
+
     queries = read_queries(args.queries)
     seismic_knobs = {
         f.name: getattr(args, f"seismic_{f.name}")
@@ -392,7 +336,7 @@ def _search(args: argparse.Namespace) -> int:
     if seismic_knobs and args.backend != "seismic":
         flags = ", ".join("--" + k.replace("_", "-") for k in seismic_knobs)
         raise ValueError(f"{flags} only apply to --backend seismic")
-    encoder = _encoder_for_index(args.index, args.model, args.device, args.dtype)
+    encoder = encoder_for_index(args.index, args.model, args.device, args.dtype)
     docs, doc_ids, _ = load_index(args.index)
     query_ids = list(queries)
     start = time.perf_counter()
@@ -426,11 +370,13 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from csplade.index.identity import encoder_for_index
+
     formats = list(dict.fromkeys(args.format))
     queries = read_queries(args.queries) if args.queries else None
     encoder = vocab = None
     if queries is not None or set(formats) - {"qdrant"}:  # qdrant docs need no token names
-        encoder = _encoder_for_index(args.index, args.model, args.device, args.dtype)
+        encoder = encoder_for_index(args.index, args.model, args.device, args.dtype)
         vocab = encoder.vocabulary()
     written = export_index(args.index, args.out, vocab or [], formats=formats, field=args.field)
     if queries is not None:

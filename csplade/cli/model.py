@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from csplade.model.card import write_card
 from csplade.model.config import CONFIG_NAME
-from csplade.model.io import push_to_hub
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _card(args: argparse.Namespace) -> int:
+    from csplade.model.card import write_card
+
     if not (Path(args.folder) / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{args.folder}: not a csplade encoder folder (no {CONFIG_NAME})")
     print(write_card(args.folder).read_text(encoding="utf-8"), end="")
@@ -34,5 +34,7 @@ def _card(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
+    from csplade.model.io import push_to_hub
+
     print(push_to_hub(args.folder, args.repo_id, private=args.private))
     return 0

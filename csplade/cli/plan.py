@@ -11,7 +11,6 @@ import argparse
 import json
 
 from csplade.cli.common import fraction, positive, positive_float
-from csplade.plan import parse_memory, plan_recipe
 
 GIB = 1024**3
 
@@ -71,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def memory_size(text: str) -> str:
     """A memory size argparse accepts only when `parse_memory` reads it (80GB, 79GiB, 24000MB)."""
+    from csplade.plan import parse_memory
+
     try:
         parse_memory(text)
     except ValueError as exc:
@@ -79,6 +80,8 @@ def memory_size(text: str) -> str:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from csplade.plan import plan_recipe
+
     plan = plan_recipe(
         args.recipe,
         args.accelerate_config,
@@ -120,14 +123,32 @@ def _duration(seconds: float | None) -> str:
 
 def render(plan, recipe: str = "") -> str:
     """The plan as the text `csplade plan` prints."""
-    arch = plan.architecture
-    params = plan.parameters
-    shapes = plan.shapes
     lines = [f"csplade plan: {recipe} ({plan.phase})"]
+    lines += _model_lines(plan)
+    lines.append("")
+    lines.append(f"memory per GPU ({plan.device})      GiB   what")
+    for part in plan.parts:
+        lines.append(f"  {part.name:22s} {_gib(part.bytes)}   {part.detail}")
+    share = "" if plan.gpu_memory is None else f"   of {plan.gpu_memory / GIB:.2f} GiB "
+    if plan.gpu_memory:
+        share += f"({100 * plan.total_bytes / plan.gpu_memory:.0f}%)"
+    lines.append(f"  {'total':22s} {_gib(plan.total_bytes)}{share}")
+    if plan.cpu_offload_bytes:
+        lines.append(f"  (offloaded to CPU RAM: {plan.cpu_offload_bytes / GIB:.2f} GiB per GPU)")
+    lines.append("")
+    lines += _time_lines(plan.time)
+    lines.append("")
+    lines += _verdict_lines(plan)
+    return "\n".join(lines)
+
+
+def _model_lines(plan) -> list[str]:
+    """The model, the cluster and the per-GPU batch."""
+    arch, params, shapes = plan.architecture, plan.parameters, plan.shapes
     trainable = f"{params['trainable'] / 1e6:.1f} M trainable"
     if params["lora"]:
         trainable += " (LoRA)"
-    lines.append(f"  model    {plan.model}: {params['total'] / 1e9:.3f} B parameters, {trainable}")
+    lines = [f"  model    {plan.model}: {params['total'] / 1e9:.3f} B parameters, {trainable}"]
     lines.append(
         f"           hidden {arch.hidden}, {arch.layers} layers, {arch.heads} heads / "
         f"{arch.kv_heads} kv, intermediate {arch.intermediate}, vocab {arch.vocab}"
@@ -149,19 +170,11 @@ def render(plan, recipe: str = "") -> str:
         f"  batch    {batch} = {shapes['tokens_per_step']:,} tokens per GPU per micro-step "
         f"({', '.join(flags)}); global batch {shapes['global_batch']}"
     )
-    lines.append("")
-    lines.append(f"memory per GPU ({plan.device})      GiB   what")
-    for part in plan.parts:
-        lines.append(f"  {part.name:22s} {_gib(part.bytes)}   {part.detail}")
-    share = "" if plan.gpu_memory is None else f"   of {plan.gpu_memory / GIB:.2f} GiB "
-    if plan.gpu_memory:
-        share += f"({100 * plan.total_bytes / plan.gpu_memory:.0f}%)"
-    lines.append(f"  {'total':22s} {_gib(plan.total_bytes)}{share}")
-    if plan.cpu_offload_bytes:
-        lines.append(f"  (offloaded to CPU RAM: {plan.cpu_offload_bytes / GIB:.2f} GiB per GPU)")
-    lines.append("")
-    t = plan.time
-    lines.append(f"time at {t.tflops:g} TFLOPS x {t.mfu:g} MFU per GPU")
+    return lines
+
+
+def _time_lines(t) -> list[str]:
+    lines = [f"time at {t.tflops:g} TFLOPS x {t.mfu:g} MFU per GPU"]
     parts = ", ".join(f"{k} {v:.2e}" for k, v in t.flops_per_step.items() if v)
     lines.append(f"  FLOPs per micro-step per GPU   {sum(t.flops_per_step.values()):.3e} ({parts})")
     lines.append(f"  micro-step                     {_duration(t.seconds_per_step)}")
@@ -176,11 +189,14 @@ def render(plan, recipe: str = "") -> str:
             f"  run                            {_duration(t.seconds_total)} "
             f"({t.optimizer_steps:,} optimizer steps)"
         )
-    lines.append("")
+    return lines
+
+
+def _verdict_lines(plan) -> list[str]:
     verdict = plan.verdict()
     if plan.gpu_memory is not None and not plan.fits:
         verdict += f" ({plan.total_bytes / GIB:.1f} GiB > {plan.gpu_memory / GIB:.1f} GiB)"
-    lines.append(f"verdict: {verdict}")
+    lines = [f"verdict: {verdict}"]
     if plan.suggestions:
         lines.append("knobs (estimated total per GPU):")
         for s in plan.suggestions:
@@ -190,4 +206,4 @@ def render(plan, recipe: str = "") -> str:
     if plan.notes:
         lines.append("notes:")
         lines.extend(f"  - {note}" for note in plan.notes)
-    return "\n".join(lines)
+    return lines

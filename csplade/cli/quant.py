@@ -14,11 +14,11 @@ import argparse
 from pathlib import Path
 
 from csplade.cli.common import add_batch_size, positive
-from csplade.evaluation.quant_sweep import SWEEP_TABLE, SweepSettings, run_sweep
-from csplade.quantization.modes import check_mode, quiet_int8_cast_notice
 
 
 def _modes(text: str) -> list[str]:
+    from csplade.quantization.modes import check_mode
+
     modes = [m.strip() for m in text.split(",") if m.strip()]
     try:
         return [check_mode(m) for m in modes]
@@ -79,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from csplade.evaluation.quant_sweep import SWEEP_TABLE, SweepSettings, run_sweep
+    from csplade.quantization.modes import quiet_int8_cast_notice
+
     quiet_int8_cast_notice()
     overrides = {}
     if args.doc_max_length is not None:

@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-from csplade.evaluation.during_training import RetrievalEvaluator
-from csplade.training.adaptation import run_adaptation
-from csplade.training.contrastive import merge_adapter, run_training
-from csplade.training.recipe import ADAPT_TYPES, parse_recipe
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     # The recipe and its overrides are not declared to argparse: they are whatever follows the verb
@@ -48,6 +43,10 @@ def split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from csplade.evaluation.during_training import RetrievalEvaluator
+    from csplade.training.contrastive import run_training
+    from csplade.training.recipe import parse_recipe
+
     model_args, loss_args, data_args, training_args = parse_recipe(*split_recipe(args.overrides))
     evaluator = RetrievalEvaluator.from_args(training_args)  # dev sets load before the model
     out = run_training(model_args, loss_args, data_args, training_args, evaluator=evaluator)
@@ -57,6 +56,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _adapt(args: argparse.Namespace) -> int:
+    from csplade.evaluation.during_training import RetrievalEvaluator
+    from csplade.training.adaptation import run_adaptation
+    from csplade.training.recipe import ADAPT_TYPES, parse_recipe
+
     model_args, adapt_args, training_args = parse_recipe(
         *split_recipe(args.overrides),
         types=ADAPT_TYPES,
@@ -69,5 +72,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from csplade.training.contrastive import merge_adapter
+
     print(merge_adapter(args.adapter, args.out))
     return 0

@@ -46,6 +46,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -220,26 +221,25 @@ def encoder_run(
 
 
 def _first_stage_run(
-    model: Any,
-    run_file: str | os.PathLike | None,
-    usable: dict[str, dict],
-    targets: dict[str, str],
-    depth: int,
-    device: str | None = None,
-    **search: Any,
+    options: MiningOptions, usable: dict[str, dict], targets: dict[str, str]
 ) -> tuple[AnyRun, str]:
     """The run to mine from, and its name: a TREC run file, BM25, or a csplade model's exact run."""
-    if run_file is not None:
-        return read_trec_run(run_file), str(run_file)
+    if options.run_file is not None:
+        return read_trec_run(options.run_file), str(options.run_file)
     doc_ids = list(usable)
     texts = [doc_text(usable[d]) for d in doc_ids]
+    model, depth = options.model, options.depth
     if model == "bm25":
         return (bm25_search(doc_ids, texts, targets, k=depth) if targets else {}), "bm25"
     encoder = model
     if isinstance(model, (str, os.PathLike)):
-        encoder = SparseEncoder.from_pretrained(model, device=device)
+        encoder = SparseEncoder.from_pretrained(model, device=options.device)
     source = str(model) if isinstance(model, (str, os.PathLike)) else "encoder"
-    return encoder_run(encoder, doc_ids, texts, targets, depth, **search), source
+    run = encoder_run(
+        encoder, doc_ids, texts, targets, depth,
+        index_dir=options.index_dir, batch_size=options.batch_size, backend=options.backend,
+    )  # fmt: skip
+    return run, source
 
 
 _WARNED_COUNTS = (
@@ -269,37 +269,61 @@ def _targets(
     return corpus, items, queries, qrels, counters
 
 
+@dataclass(frozen=True)
+class MiningOptions:
+    """What :func:`mine` mines from and keeps (module docstring for the rules).
+
+    The run comes from `run_file` (a TREC run) when given, else from `model`: "bm25"
+    (:func:`csplade.index.bm25.bm25_search`), a model folder or packaged name, or a loaded
+    `SparseEncoder` (searched exactly; its encoded corpus kept in `index_dir` when given). Only the
+    `split`'s judged queries with a positive are searched; with `pseudo` ("title" | "sentence",
+    :mod:`csplade.data.pseudo`), pseudo-queries of the corpus (up to `max_queries`, sampled with
+    `seed`) replace them.
+    """
+
+    model: Any = "bm25"
+    run_file: str | os.PathLike | None = None
+    split: str = "train"
+    # which ranks become negatives
+    depth: int = 100
+    n_negatives: int | None = None
+    skip_top: int = 0
+    # pseudo-queries instead of the split's
+    pseudo: str | None = None
+    max_queries: int | None = None
+    seed: int = 0
+    # a model's run
+    index_dir: str | os.PathLike | None = None
+    batch_size: int = 32
+    device: str | None = None
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.run_file is None and self.model is None:
+            raise ValueError("give a model ('bm25', a csplade model) or a run file to mine from")
+        # the window's checks, before any expensive step
+        mine_negatives(
+            {}, {}, depth=self.depth, n_negatives=self.n_negatives, skip_top=self.skip_top
+        )
+
+
 def mine(
     data: str | os.PathLike,
     out: str | os.PathLike,
-    model: Any = "bm25",
-    run_file: str | os.PathLike | None = None,
-    split: str = "train",
-    depth: int = 100,
-    n_negatives: int | None = None,
-    skip_top: int = 0,
-    index_dir: str | os.PathLike | None = None,
-    batch_size: int = 32,
-    device: str | None = None,
-    backend: str | None = None,
-    pseudo: str | None = None,
-    max_queries: int | None = None,
-    seed: int = 0,
+    options: MiningOptions | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Mine negatives for a BEIR split and write training groups to `out`; returns the counters.
 
-    `data`: a BEIR folder or a name under $CSPLADE_DATA. The run comes from `run_file` (a TREC run)
-    when given, else from `model`: "bm25" (:func:`csplade.index.bm25.bm25_search`), a model folder
-    or packaged name, or a loaded `SparseEncoder`. Only the split's judged queries with a positive
-    are searched; with `pseudo` ("title" | "sentence", :mod:`csplade.data.pseudo`), pseudo-queries of
-    the corpus (up to `max_queries`, sampled with `seed`) replace them.
+    `data`: a BEIR folder or a name under $CSPLADE_DATA. `options` (or its fields as keywords,
+    ``mine(data, out, model="bm25", depth=30)``): :class:`MiningOptions`.
     """
-    if run_file is None and model is None:
-        raise ValueError("give a model ('bm25', a csplade model) or a run file to mine from")
-    # Check the arguments before any expensive step.
-    mine_negatives({}, {}, depth=depth, n_negatives=n_negatives, skip_top=skip_top)
+    options = replace(options, **settings) if options else MiningOptions(**settings)
     folder = find_dataset(data)
-    corpus, items, queries, qrels, pseudo_stats = _targets(folder, split, pseudo, max_queries, seed)
+    split, pseudo = options.split, options.pseudo
+    corpus, items, queries, qrels, pseudo_stats = _targets(
+        folder, split, pseudo, options.max_queries, options.seed
+    )
     usable = {doc_id: doc for doc_id, doc in corpus.items() if doc_text(doc)}
     targets = {
         q: queries[q]
@@ -308,12 +332,9 @@ def mine(
     }
     what = f"{pseudo} pseudo-queries" if pseudo else f"queries of split {split!r}"
     logger.info("%s: mining for %d %s", folder.name, len(targets), what)
-    run, source = _first_stage_run(
-        model, run_file, usable, targets, depth,
-        index_dir=index_dir, batch_size=batch_size, device=device, backend=backend,
-    )  # fmt: skip
+    run, source = _first_stage_run(options, usable, targets)
     negatives, mine_stats = mine_negatives(
-        run, qrels, depth=depth, n_negatives=n_negatives, skip_top=skip_top, usable=usable
+        run, qrels, options.depth, options.n_negatives, options.skip_top, usable=usable
     )
     groups, group_stats = build_groups(queries, qrels, negatives, items)
     if not groups:
@@ -323,9 +344,9 @@ def mine(
     stats: dict[str, Any] = {
         "source": source,
         "split": split,
-        "depth": depth,
-        "skip_top": skip_top,
-        "n_negatives": n_negatives,
+        "depth": options.depth,
+        "skip_top": options.skip_top,
+        "n_negatives": options.n_negatives,
         "judged_queries": len(qrels),
         "groups": len(groups),
         "negatives_mean": round(sum(n_neg) / len(n_neg), 2),
@@ -335,6 +356,11 @@ def mine(
         **mine_stats,
         **group_stats,
     }
+    _log_mined(out, source, stats)
+    return stats
+
+
+def _log_mined(out, source: str, stats: dict[str, Any]) -> None:
     logger.info(
         "mined %s: %d groups, %.1f negatives each on average -> %s",
         source,
@@ -345,4 +371,3 @@ def mine(
     for key in _WARNED_COUNTS:
         if stats[key]:
             logger.warning("%s: %s = %d", out, key, stats[key])
-    return stats

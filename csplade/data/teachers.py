@@ -30,50 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from csplade._io import atomic_write
+from csplade._progress import progress
+from csplade.data.ensemble import NORMALIZATIONS, ensemble
 from csplade.data.groups import read_groups
 from csplade.model.backbones import resolve_model
 from csplade.model.config import CONFIG_NAME
 from csplade.model.encoder import SparseEncoder
 
 logger = logging.getLogger(__name__)
-
-NORMALIZATIONS = ("minmax", "zscore", "none")
-
-
-def normalize_scores(scores: Sequence[float], method: str) -> np.ndarray:
-    """One query's scores, normalised: min-max to [0, 1], z-score, or unchanged.
-
-    A query whose scores are all equal gets zeros (no preference, rather than a division by zero).
-    """
-    if method not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {method!r}; allowed: {', '.join(NORMALIZATIONS)}")
-    values = np.asarray(scores, dtype=np.float64)
-    if method == "none" or values.size == 0:
-        return values
-    if method == "minmax":
-        span = values.max() - values.min()
-        return (values - values.min()) / span if span > 0 else np.zeros_like(values)
-    std = values.std()
-    return (values - values.mean()) / std if std > 0 else np.zeros_like(values)
-
-
-def ensemble(
-    per_teacher: dict[str, Sequence[float]], weights: dict[str, float], method: str
-) -> np.ndarray:
-    """Weighted sum of per-query normalised scores of several teachers for one query's documents."""
-    if set(per_teacher) != set(weights):
-        raise ValueError(f"weights {sorted(weights)} must name the teachers {sorted(per_teacher)}")
-    lengths = {name: len(s) for name, s in per_teacher.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"teachers scored different numbers of documents: {lengths}")
-    total = None
-    for name, scores in per_teacher.items():
-        part = weights[name] * normalize_scores(scores, method)
-        total = part if total is None else total + part
-    return total
 
 
 @dataclass
@@ -148,6 +114,41 @@ def _sentence_transformers():
     return sentence_transformers
 
 
+def _score_items(teacher: Any, table: Any, batch_size: int) -> list[np.ndarray]:
+    """One teacher's raw score of every (query, item) of the groups, one array per group."""
+    queries, docs, sizes = [], [], []
+    for q, pos, neg in zip(table["query"], table["positives"], table["negatives"], strict=True):
+        items = list(pos) + list(neg or [])
+        queries += [q] * len(items)
+        docs += items
+        sizes.append(len(items))
+    flat = np.empty(len(docs))
+    step = max(batch_size * 16, 256)
+    for start in progress(
+        range(0, len(docs), step), desc=f"scoring with {teacher.name}", unit="block"
+    ):
+        flat[start : start + step] = teacher.score(
+            queries[start : start + step], docs[start : start + step], batch_size
+        )
+    return np.split(flat, np.cumsum(sizes)[:-1])
+
+
+def _scored_row(group: dict, raw: dict[str, np.ndarray], combined: np.ndarray) -> dict[str, Any]:
+    """A group as training reads it, with the ensemble's ``scores`` and each teacher's raw ones."""
+    n_pos = len(group["positives"])
+    row: dict[str, Any] = {"query": group["query"]}
+    if group.get("query_id") is not None:
+        row["query_id"] = group["query_id"]
+    row["positives"] = list(group["positives"])
+    row["negatives"] = list(group["negatives"] or [])
+    row["scores"] = {"positives": combined[:n_pos].tolist(), "negatives": combined[n_pos:].tolist()}
+    row["teacher_scores"] = {
+        name: {"positives": scores[:n_pos].tolist(), "negatives": scores[n_pos:].tolist()}
+        for name, scores in raw.items()
+    }
+    return row
+
+
 def score_groups(
     groups_path: str | os.PathLike,
     teachers: Sequence[str],
@@ -179,47 +180,14 @@ def score_groups(
         raise ValueError(f"a teacher is named twice: {names}")
     table, _stats = read_groups(groups_path)
     loaded = [load_teacher(t, device=device) for t in teachers]
-    per_teacher: dict[str, list[np.ndarray]] = {}
-    for teacher in loaded:
-        queries, docs, sizes = [], [], []
-        for q, pos, neg in zip(table["query"], table["positives"], table["negatives"], strict=True):
-            items = list(pos) + list(neg or [])
-            queries += [q] * len(items)
-            docs += items
-            sizes.append(len(items))
-        flat = np.empty(len(docs))
-        step = max(batch_size * 16, 256)
-        for start in tqdm(
-            range(0, len(docs), step), desc=f"scoring with {teacher.name}", unit="block"
-        ):
-            flat[start : start + step] = teacher.score(
-                queries[start : start + step], docs[start : start + step], batch_size
-            )
-        per_teacher[teacher.name] = np.split(flat, np.cumsum(sizes)[:-1])
+    per_teacher = {teacher.name: _score_items(teacher, table, batch_size) for teacher in loaded}
     weight_map = dict(zip(names, weight_list, strict=True))
     out = Path(out_path)
     with atomic_write(out, "w") as fh:
         for i in range(len(table)):
-            group = table[i]
-            n_pos = len(group["positives"])
             raw = {name: per_teacher[name][i] for name in names}
             combined = ensemble(raw, weight_map, normalization)
-            row: dict[str, Any] = {"query": group["query"]}
-            if group.get("query_id") is not None:
-                row["query_id"] = group["query_id"]
-            row["positives"] = list(group["positives"])
-            row["negatives"] = list(group["negatives"] or [])
-            row["scores"] = {
-                "positives": combined[:n_pos].tolist(),
-                "negatives": combined[n_pos:].tolist(),
-            }
-            row["teacher_scores"] = {
-                name: {
-                    "positives": raw[name][:n_pos].tolist(),
-                    "negatives": raw[name][n_pos:].tolist(),
-                }
-                for name in names
-            }
+            row = _scored_row(table[i], raw, combined)
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     logger.info("wrote %d scored groups to %s", len(table), out)
     return {"groups": len(table), "teachers": names, "normalization": normalization}

@@ -1,9 +1,9 @@
-"""Unlabeled text (the adaptation phase's data) and the IDF of the training documents.
+"""Texts: unlabeled text (the adaptation phase's data), and the texts of the training data.
 
 `read_texts` reads a corpus (JSONL, Parquet or Arrow, optionally gzipped; a BEIR folder; a `datasets`
 folder or hub dataset with a 'text' column) or a plain-text file into a cached Arrow table
-(:mod:`csplade.data.rows`); `corpus_idf` counts document frequencies over the training documents
-(`document_token_rows` gives their token ids).
+(:mod:`csplade.data.rows`). `document_texts`, `calibration_documents` and `query_texts` pick the texts
+of the training groups that the encoder is fitted on before training (:mod:`csplade.training.setup`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from typing import Any
 
 import datasets
 import numpy as np
-import torch
 from datasets import Features, Value
-from tqdm.auto import tqdm
 
 from csplade.data.beir import doc_text
 from csplade.data.formats import Source, file_kind, is_saved_dataset, resolve
@@ -40,7 +38,6 @@ from csplade.data.rows import (
 )
 from csplade.data.sampling import GroupDataset
 from csplade.data.streaming import StreamingGroupDataset
-from csplade.model.lexical import bm25_idf
 
 logger = logging.getLogger(__name__)
 
@@ -266,52 +263,3 @@ def query_length_spans(texts: list[str], seed: int = 0) -> list[str]:
         parts = [s for s in sentences(text) if len(s.split()) >= 3] or [text]
         spans.append(parts[int(rng.integers(len(parts)))])
     return spans
-
-
-def document_token_rows(
-    encoder: Any,
-    dataset: GroupDataset | StreamingGroupDataset,
-    batch_size: int = 1024,
-    lexical: bool = False,
-) -> Iterator[list[int]]:
-    """The token ids (no special tokens) of every distinct training document, with progress; with
-    `lexical`, the ids the encoder's lexical residual reads (its ``lexical_analyzer``)."""
-
-    def rows(texts: list[str]) -> list[list[int]]:
-        if lexical:
-            return encoder.lexical_rows(texts)
-        return encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    batch: list[str] = []
-    for text in tqdm(document_texts(dataset), desc="document frequencies", unit="doc"):
-        batch.append(text)
-        if len(batch) == batch_size:
-            yield from rows(batch)
-            batch.clear()
-    if batch:
-        yield from rows(batch)
-
-
-def corpus_idf(
-    encoder: Any, dataset: GroupDataset | StreamingGroupDataset, batch_size: int = 1024
-) -> torch.Tensor:
-    """IDF (V,) of every vocabulary id over the training documents, float32, always > 0.
-
-    BM25's form ``log(1 + (N - df + 0.5) / (df + 0.5))`` (Robertson & Zaragoza): positive for every id,
-    which IDF-aware FLOPS divides by, and largest for ids no document contains. Used as the query
-    weights of inference-free models (arXiv 2411.04403) and by ``doc_regularizer: idf_flops``.
-    """
-    vocab = encoder.vocab_size
-    df = np.zeros(vocab, dtype=np.int64)
-    n_docs = 0
-    for row in document_token_rows(encoder, dataset, batch_size):
-        if row:
-            df[np.unique(np.asarray(row, dtype=np.int64))] += 1
-        n_docs += 1
-    if n_docs == 0:
-        raise ValueError("cannot compute IDF: the training data holds no documents")
-    idf = bm25_idf(df, n_docs)
-    logger.info(
-        "IDF over %d training documents (%d distinct tokens seen)", n_docs, int((df > 0).sum())
-    )
-    return torch.from_numpy(idf.astype(np.float32))

@@ -27,6 +27,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from csplade.evaluation.metrics import (
 from csplade.evaluation.report import write_results
 from csplade.index import InvertedIndex, encode_corpus, load_index, write_trec_run
 from csplade.index.bm25 import bm25_search
+from csplade.index.identity import LEXICAL_STATS, fit_to_collection
 from csplade.model.card import record_eval
 from csplade.model.config import CONFIG_NAME
 from csplade.model.encoder import SparseEncoder
@@ -58,7 +60,6 @@ SETTINGS_FILE = "eval_settings.json"
 
 # BM25 baselines by name: bm25s's analyzer with no stemmer (the project's reference row), or stemmed
 BASELINES = {"bm25": None, "bm25-stem": "english"}
-LEXICAL_STATS = ("model", "collection")  # where a lexical residual's IDF and lengths come from
 
 
 @dataclass(frozen=True)
@@ -320,74 +321,111 @@ def _record_in_card(spec: SystemSpec, dataset: str, metrics, efficiency, split, 
     logger.info("%s on %s: results added to the model card %s", spec.name, dataset, card)
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How :func:`evaluate` runs: the split and slice, run depth, batches, timed queries, how models
+    load (`device`, `dtype`, `encoder_overrides`: SparseEncoderConfig fields), the search kernel.
+
+    `lexical_stats`: for models with a lexical residual, "model" keeps the IDF and document lengths
+    saved with the model (its training documents'); "collection" re-estimates them on each data
+    set's corpus (:func:`csplade.index.identity.fit_to_collection`), as BM25 does. Other systems
+    are unaffected.
+    """
+
+    split: str = "test"
+    max_docs: int | None = None
+    max_queries: int | None = None
+    k: int = 1000
+    batch_size: int = 32
+    latency_queries: int = 100
+    device: str | None = None
+    dtype: str | None = None
+    encoder_overrides: dict[str, Any] | None = None
+    backend: str | None = None
+    lexical_stats: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.lexical_stats not in LEXICAL_STATS:
+            raise ValueError(
+                f"lexical_stats must be one of {LEXICAL_STATS}, got {self.lexical_stats!r}"
+            )
+
+    def system_options(self) -> SystemOptions:
+        return SystemOptions(
+            k=self.k,
+            batch_size=self.batch_size,
+            latency_queries=self.latency_queries,
+            backend=self.backend,
+        )
+
+
 def evaluate(
     systems: list[SystemSpec],
     datasets: list[str],
     out_dir: str | os.PathLike,
-    split: str = "test",
-    max_docs: int | None = None,
-    max_queries: int | None = None,
-    k: int = 1000,
-    batch_size: int = 32,
-    latency_queries: int = 100,
-    device: str | None = None,
-    encoder_overrides: dict[str, Any] | None = None,
-    backend: str | None = None,
-    dtype: str | None = None,
-    lexical_stats: str = "model",
+    options: EvalOptions | None = None,
+    **settings: Any,
 ) -> dict[str, Path]:
     """Evaluate every system on every data set; write runs, metrics.json, table.md and a chart.
 
-    `lexical_stats`: for models with a lexical residual, "model" keeps the IDF and document lengths
-    saved with the model (its training documents'); "collection" re-estimates them on each data
-    set's corpus (:meth:`SparseEncoder.fit_lexical`), as BM25 does. Other systems are unaffected.
+    `options` (or its fields as keywords, ``evaluate(systems, datasets, out, k=100)``):
+    :class:`EvalOptions`. Results already in `out_dir` under the same split and slice are kept.
     """
-    if lexical_stats not in LEXICAL_STATS:
-        raise ValueError(f"lexical_stats must be one of {LEXICAL_STATS}, got {lexical_stats!r}")
+    options = replace(options, **settings) if options else EvalOptions(**settings)
     _check_systems(systems, datasets)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"split": split, "max_docs": max_docs, "max_queries": max_queries, "k": k}
+    settings = {
+        "split": options.split, "max_docs": options.max_docs,
+        "max_queries": options.max_queries, "k": options.k,
+    }  # fmt: skip
     metrics, efficiency = _load_settings(out, settings)
-    loaded = [(name, load_beir(find_dataset(name), split=split)) for name in datasets]
-    sliced = [(name, *slice_data(data, max_docs, max_queries)) for name, data in loaded]
-    notes = [note for _, _, note in sliced if note]
-    options = SystemOptions(
-        k=k, batch_size=batch_size, latency_queries=latency_queries, backend=backend
-    )
+    loaded = [(name, load_beir(find_dataset(name), split=options.split)) for name in datasets]
+    sliced = [
+        (name, *slice_data(data, options.max_docs, options.max_queries)) for name, data in loaded
+    ]
     first_model = next((s for s in systems if s.model is not None), None)
     for spec in systems:
-        encoder = None
-        if spec.model is not None:
-            encoder = SparseEncoder.from_pretrained(
-                spec.model, device=device, dtype=dtype, **(encoder_overrides or {})
-            )
-        for _name, data, note in sliced:
-            (out / data.name).mkdir(parents=True, exist_ok=True)
-            logger.info("evaluating %s on %s (%d docs, %d queries)", spec.name, data.name,
-                        len(data.doc_ids), len(data.queries))  # fmt: skip
-            eff: dict[str, float] = {}
-            if encoder is None:
-                result = _evaluate_bm25(data, out, k, spec.name)
-            else:
-                if lexical_stats == "collection" and encoder.config.lexical_residual:
-                    encoder.fit_lexical(data.doc_texts)
-                    note = "; ".join(filter(None, [note, "lexical IDF and lengths of this corpus"]))
-                result, eff, run = evaluate_system(
-                    encoder, data, out, spec.name, options, slice_note=note
-                )
-                if spec is first_model:
-                    write_trec_run(out / data.name / "run.trec", _ranked(run), tag=spec.name)
-            metrics.setdefault(spec.name, {})[data.name] = {m: float(v) for m, v in result.items()}
+        results = _evaluate_spec(spec, sliced, out, options, write_run=spec is first_model)
+        for dataset, result, eff, note in results:  # recorded as each data set is done
+            metrics.setdefault(spec.name, {})[dataset] = {m: float(v) for m, v in result.items()}
             if eff:
-                efficiency.setdefault(spec.name, {})[data.name] = {
+                efficiency.setdefault(spec.name, {})[dataset] = {
                     m: float(v) for m, v in eff.items() if np.isfinite(v)
                 }
-            logger.info("%s on %s: nDCG@10 %.4f", spec.name, data.name, result["ndcg_cut_10"])
             if spec.model is not None and (Path(spec.model) / CONFIG_NAME).is_file():
-                _record_in_card(spec, data.name, metrics, efficiency, split, note)
-        del encoder
+                _record_in_card(spec, dataset, metrics, efficiency, options.split, note)
+    notes = [note for _, _, note in sliced if note]
     slice_note = "; ".join(notes) if notes else None
     written = write_results(out, metrics, efficiency or None, slice_note=slice_note)
     write_json_atomic(out / SETTINGS_FILE, settings)
     return written
+
+
+def _evaluate_spec(
+    spec: SystemSpec, sliced: list, out: Path, options: EvalOptions, write_run: bool
+) -> Iterator[tuple[str, dict[str, float], dict[str, float], str | None]]:
+    """One system on every data set, one at a time: (dataset, metrics, efficiency, note)."""
+    encoder = None
+    if spec.model is not None:
+        encoder = SparseEncoder.from_pretrained(
+            spec.model, device=options.device, dtype=options.dtype,
+            **(options.encoder_overrides or {}),
+        )  # fmt: skip
+    for _name, data, note in sliced:
+        (out / data.name).mkdir(parents=True, exist_ok=True)
+        logger.info("evaluating %s on %s (%d docs, %d queries)", spec.name, data.name,
+                    len(data.doc_ids), len(data.queries))  # fmt: skip
+        eff: dict[str, float] = {}
+        if encoder is None:
+            result = _evaluate_bm25(data, out, options.k, spec.name)
+        else:
+            if fit_to_collection(encoder, data.doc_texts, options.lexical_stats) == "collection":
+                note = "; ".join(filter(None, [note, "lexical IDF and lengths of this corpus"]))
+            result, eff, run = evaluate_system(
+                encoder, data, out, spec.name, options.system_options(), slice_note=note
+            )
+            if write_run:
+                write_trec_run(out / data.name / "run.trec", _ranked(run), tag=spec.name)
+        logger.info("%s on %s: nDCG@10 %.4f", spec.name, data.name, result["ndcg_cut_10"])
+        yield data.name, result, eff, note

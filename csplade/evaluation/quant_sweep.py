@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from csplade._io import write_json_atomic, write_text_atomic
+from csplade._progress import progress
 from csplade.data.beir import find_dataset, load_beir
 from csplade.evaluation.beir_eval import SystemOptions, evaluate_system, slice_data
 from csplade.evaluation.memory import max_rss_bytes
@@ -141,6 +141,15 @@ class SweepSettings:
         }
 
 
+def _load_timed(settings: SweepSettings, mode: str, head: bool) -> tuple[SparseEncoder, float]:
+    """The encoder of the sweep in `mode`, and the seconds its loading took."""
+    start = time.perf_counter()
+    encoder = SparseEncoder.from_pretrained(
+        settings.model, quantization=mode, quantize_head=head, **settings.encoder_overrides
+    )
+    return encoder, time.perf_counter() - start
+
+
 def measure_row(settings: SweepSettings, mode: str, dataset: str) -> dict[str, Any]:
     """Load `settings.model` in `mode`, encode `dataset`, search it and score it: one sweep row.
 
@@ -163,11 +172,7 @@ def measure_row(settings: SweepSettings, mode: str, dataset: str) -> dict[str, A
     full = load_beir(find_dataset(dataset), split=settings.split)
     data, note = slice_data(full, settings.max_docs, settings.max_queries)
     head = settings.quantize_head and is_quantized(mode)
-    start = time.perf_counter()
-    encoder = SparseEncoder.from_pretrained(
-        settings.model, quantization=mode, quantize_head=head, **settings.encoder_overrides
-    )
-    load_s = time.perf_counter() - start
+    encoder, load_s = _load_timed(settings, mode, head)
     param_bytes = parameter_bytes(encoder.backbone)
     lifetime_peak = max_rss_bytes()  # the encoding's measurement resets the process's peak
     # The scratch index is never reused, so the encoder's identity needs no weight fingerprint.
@@ -287,7 +292,7 @@ def run_sweep(settings: SweepSettings) -> list[dict[str, Any]]:
         logger.info("%d (mode, dataset) rows already in %s: skipped", skipped, out / SWEEP_FILE)
     for mode in {m for m, _ in todo}:
         require_backend(mode)
-    bar = tqdm(todo, unit="row", desc="quant sweep", disable=not settings.show_progress)
+    bar = progress(todo, unit="row", desc="quant sweep", disable=not settings.show_progress)
     for mode, dataset in bar:
         bar.set_postfix_str(f"{mode} / {dataset}")
         if settings.isolate:

@@ -92,14 +92,13 @@ def _heap_offer(heap_s, heap_d, size, threshold, lane, k, score, doc):
         threshold[b] = heap_s[off]
 
 
-@njit(nogil=True, cache=True)
-def search_batch(
-    q_indptr, q_indices, q_data, p_indptr, p_docs, p_weights, n_docs, k, q0, q1, out_s, out_d
-):
+@njit(inline="always")
+def _group_terms(q_indptr, q_indices, q_data, p_indptr, q0, q1):
+    """The batch's (term, lane, weight) triples grouped by term in increasing id, each distinct
+    term's posting cursor, and the dense (n_dense, B) weights of the terms a quarter of the batch use."""
     n_lanes = q1 - q0
     lo_t, hi_t = q_indptr[q0], q_indptr[q1]
     n_trip = hi_t - lo_t
-    # (term, lane, weight) triples of the batch, grouped by term in increasing id.
     lanes = np.empty(n_trip, dtype=np.uint64)
     for qi in range(q0, q1):
         for j in range(q_indptr[qi], q_indptr[qi + 1]):
@@ -131,7 +130,65 @@ def search_batch(
         if dense_row[u] >= 0:
             for j in range(u_start[u], u_start[u + 1]):
                 dense_w[dense_row[u], s_lanes[j]] = s_weights[j]
+    return n_u, s_lanes, s_weights, u_start, u_term, cursor, dense_row, dense_w
 
+
+@njit(inline="always")
+def _accumulate(terms, p_indptr, p_docs, p_weights, lo, hi, acc, flags, lanes_u):
+    """Add the postings of docs [lo, hi) of every batch term into the block `acc` (R, B)."""
+    n_u, s_lanes, s_weights, u_start, u_term, cursor, dense_row, dense_w = terms
+    for u in range(n_u):
+        p = cursor[u]
+        end = p_indptr[u_term[u] + 1]
+        row = dense_row[u]
+        if row >= 0:
+            wv = dense_w[row]
+            while p < end and p_docs[p] < hi:
+                d = uint64(p_docs[p] - lo)
+                w = p_weights[p]
+                base = d * lanes_u
+                for b in range(lanes_u):
+                    acc[base + b] += wv[b] * w
+                flags[d >> uint64(6)] = 1
+                p += 1
+        else:
+            j0, j1 = uint64(u_start[u]), uint64(u_start[u + 1])
+            while p < end and p_docs[p] < hi:
+                d = uint64(p_docs[p] - lo)
+                w = p_weights[p]
+                base = d * lanes_u
+                for j in range(j0, j1):
+                    acc[base + s_lanes[j]] += s_weights[j] * w
+                flags[d >> uint64(6)] = 1
+                p += 1
+        cursor[u] = p
+
+
+@njit(inline="always")
+def _harvest(acc, flags, lo, hi, lanes_u, heap_s, heap_d, size, threshold, k):
+    """Offer every positive score of the block's touched 64-doc sub-blocks to its query's heap, and
+    zero them."""
+    for f in range((hi - lo + 63) // 64):
+        if flags[f] == 0:
+            continue
+        flags[f] = 0
+        for d in range(f * 64, min(f * 64 + 64, hi - lo)):
+            base = uint64(d) * lanes_u
+            for b in range(lanes_u):
+                score = acc[base + b]
+                # Docs arrive in increasing index, so a tie with the heap root (an earlier,
+                # smaller doc) never displaces it: "score > threshold" is the exact test.
+                if score > threshold[b]:
+                    _heap_offer(heap_s, heap_d, size, threshold, b, k, score, lo + d)
+        acc[uint64(f) * uint64(64) * lanes_u : uint64(f + 1) * uint64(64) * lanes_u] = 0.0
+
+
+@njit(nogil=True, cache=True)
+def search_batch(
+    q_indptr, q_indices, q_data, p_indptr, p_docs, p_weights, n_docs, k, q0, q1, out_s, out_d
+):
+    n_lanes = q1 - q0
+    terms = _group_terms(q_indptr, q_indices, q_data, p_indptr, q0, q1)
     block = max(64, (_BLOCK_BYTES // (4 * n_lanes)) // 64 * 64)
     acc = np.zeros(block * n_lanes, dtype=np.float32)  # (R, B) doc-major
     flags = np.zeros(block // 64, dtype=np.uint8)  # 64-doc sub-blocks that received a posting
@@ -140,47 +197,10 @@ def search_batch(
     size = np.zeros(n_lanes, dtype=np.int64)
     threshold = np.zeros(n_lanes, dtype=np.float32)  # 0 until the heap is full, then its root
     lanes_u = uint64(n_lanes)  # unsigned indices: no negative-index wraparound, loops vectorise
-
     for lo in range(0, n_docs, block):
         hi = min(lo + block, n_docs)
-        for u in range(n_u):
-            p = cursor[u]
-            end = p_indptr[u_term[u] + 1]
-            row = dense_row[u]
-            if row >= 0:
-                wv = dense_w[row]
-                while p < end and p_docs[p] < hi:
-                    d = uint64(p_docs[p] - lo)
-                    w = p_weights[p]
-                    base = d * lanes_u
-                    for b in range(lanes_u):
-                        acc[base + b] += wv[b] * w
-                    flags[d >> uint64(6)] = 1
-                    p += 1
-            else:
-                j0, j1 = uint64(u_start[u]), uint64(u_start[u + 1])
-                while p < end and p_docs[p] < hi:
-                    d = uint64(p_docs[p] - lo)
-                    w = p_weights[p]
-                    base = d * lanes_u
-                    for j in range(j0, j1):
-                        acc[base + s_lanes[j]] += s_weights[j] * w
-                    flags[d >> uint64(6)] = 1
-                    p += 1
-            cursor[u] = p
-        for f in range((hi - lo + 63) // 64):
-            if flags[f] == 0:
-                continue
-            flags[f] = 0
-            for d in range(f * 64, min(f * 64 + 64, hi - lo)):
-                base = uint64(d) * lanes_u
-                for b in range(lanes_u):
-                    score = acc[base + b]
-                    # Docs arrive in increasing index, so a tie with the heap root (an earlier,
-                    # smaller doc) never displaces it: "score > threshold" is the exact test.
-                    if score > threshold[b]:
-                        _heap_offer(heap_s, heap_d, size, threshold, b, k, score, lo + d)
-            acc[uint64(f) * uint64(64) * lanes_u : uint64(f + 1) * uint64(64) * lanes_u] = 0.0
+        _accumulate(terms, p_indptr, p_docs, p_weights, lo, hi, acc, flags, lanes_u)
+        _harvest(acc, flags, lo, hi, lanes_u, heap_s, heap_d, size, threshold, k)
     # Pop the worst entry into the last free slot until each heap is empty: best-first order.
     for b in range(n_lanes):
         off = b * k

@@ -15,14 +15,12 @@ the same scores as scipy's `Q @ D.T`).
   each query keeps a size-k heap. Batches run on a thread pool (the kernel releases the GIL).
 - "scipy": a block of queries times the posting matrix (`csr @ csr`, scipy's SMMP) materialises
   every (query, matched doc) score, then `argpartition` + a stable sort per query.
-The default is "numba". On the synthetic SPLADE-like benchmark (`benchmarks/search.py`: 100k docs of
-~120 terms, 1000 queries of ~20 terms, a shared and busy 2-core machine) it served 506 queries/s
-with 2 threads and 448 with 1, against 80 for a scipy brute force `Q @ D.T` + `argpartition`
-(6.3x / 5.6x; an earlier run on the same machine gave 5.0x / 5.2x) and 117 for the scipy kernel,
-which pays for building the sparse product (two passes, one output entry per matched doc) and for
-a Python-level top-k per query. The scipy kernel stays as the reference and as the fallback when
-numba is not installed. The numba kernel is compiled on first use (20-35 s on that machine) and
-cached on disk (`__pycache__`) afterwards.
+The default is "numba": on the synthetic SPLADE-like benchmark (`benchmarks/search.py`) it serves
+several times more queries per second than a scipy brute force `Q @ D.T` + `argpartition`, and than
+the scipy kernel, which pays for building the sparse product (two passes, one output entry per
+matched doc) and for a Python-level top-k per query (figures: docs/experiments.md). The scipy kernel
+stays as the reference and as the fallback when numba is not installed. The numba kernel is compiled
+on first use and cached on disk (`__pycache__`) afterwards.
 
 Ranking contract (both kernels): results are ordered by score, descending; equal scores are broken
 by the smaller doc index first (doc index = row in the matrix given to `build`, i.e. corpus order).

@@ -50,14 +50,15 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from csplade._io import atomic_write
 from csplade.index.storage import (
     fingerprint_ids,
+    jsonable,
     pack_strings,
     require_unique_ids,
     save_npz_atomic,
+    settings_diff,
     sha256_file,
     unpack_strings,
 )
@@ -77,27 +78,6 @@ def shard_name(i: int) -> str:
 
 def _rank_manifest(rank: int) -> str:
     return f"manifest.rank{rank}.json"
-
-
-def _jsonable(value, what: str):
-    """Normalise through a JSON round trip (tuples -> lists); reject what JSON cannot hold."""
-    try:
-        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{what} must be JSON-serialisable (str, numbers, lists, dicts): {exc}"
-        ) from None
-
-
-def _settings_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _settings_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} (on disk) != {b!r} (now)")
-    return diffs
 
 
 def _read_json(path: Path) -> dict:
@@ -300,7 +280,7 @@ def _plan_job(
     n_docs = len(doc_ids)
     n_shards = -(-n_docs // shard_size)
     settings = {
-        "describe": _jsonable(describe, "describe"),
+        "describe": jsonable(describe, "describe"),
         "n_docs": n_docs,
         "shard_size": shard_size,
         "quantize": quantize,
@@ -344,7 +324,7 @@ def _resume(job: _ShardJob, overwrite: bool) -> tuple[list[dict | None], list[in
     else:
         for path in sorted(out_dir.glob("manifest*.json")):
             old = _read_json(path)
-            diffs = _settings_diff(old["settings"], job.settings)
+            diffs = settings_diff(old["settings"], job.settings, ("on disk", "now"))
             if diffs:
                 raise ValueError(
                     f"{path} was written with different settings:\n  " + "\n  ".join(diffs) + "\n"
@@ -383,7 +363,7 @@ def _encode_shards(
 ) -> int | None:
     """Encode and write the shards in `todo`, recording each as it lands; returns V."""
     settings = job.settings
-    bar = tqdm(
+    bar = progress(
         total=sum(job.shard_docs(i) for i in job.mine),
         initial=sum(job.shard_docs(i) for i in set(job.mine) - set(todo)),
         unit="doc",

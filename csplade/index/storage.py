@@ -14,9 +14,11 @@ object arrays would need pickle, which the package never uses.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import zipfile
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -91,3 +93,27 @@ def require_unique_ids(ids: list[str], what: str = "doc id") -> None:
         first = seen.setdefault(ident, position)
         if first != position:
             raise ValueError(f"duplicate {what} {ident!r} at positions {first} and {position}")
+
+
+def jsonable(value: Any, what: str) -> Any:
+    """Normalise through a JSON round trip (tuples -> lists); reject what JSON cannot hold."""
+    try:
+        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{what} must be JSON-serialisable (str, numbers, lists, dicts): {exc}"
+        ) from None
+
+
+def settings_diff(old: Any, new: Any, sides: tuple[str, str], prefix: str = "") -> list[str]:
+    """One line per setting that differs between two (nested) dicts, named by its dotted key and
+    the values on each side (`sides` names them, e.g. ("on disk", "now"))."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        diffs = []
+        for key in sorted(set(old) | set(new)):
+            a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
+            diffs += settings_diff(a, b, sides, f"{prefix}{key}.")
+        return diffs
+    if old == new:
+        return []
+    return [f"{prefix.rstrip('.')}: {old!r} ({sides[0]}) != {new!r} ({sides[1]})"]

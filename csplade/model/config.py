@@ -13,12 +13,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-import torch
-
 VARIANTS = ("uni", "echo", "bi")
 POOLINGS = ("max", "sum")
 BACKBONE_KINDS = ("causal", "mlm")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names: getattr(torch, name)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Settings added after csplade 0.1, with the value that computes what 0.1 computed: a folder saved
@@ -40,6 +38,8 @@ QUERY_WEIGHTS_NAME = "query_weights.safetensors"
 HEAD_BIAS_NAME = "head_bias.safetensors"
 LEXICAL_NAME = "lexical_weights.safetensors"
 LEXICAL_ANALYZERS = ("tokens", "words", "stems")
+# where a lexical residual's IDF and document lengths come from when a collection is indexed
+LEXICAL_STATS = ("model", "collection")
 
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...] | dict[str, Any]) -> None:

@@ -40,8 +40,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from csplade._progress import progress
 from csplade.model import frozen_docs, inference_free, inputs
 from csplade.model import io as model_io
 from csplade.model import lexical as lexical_mod
@@ -213,7 +213,16 @@ class SparseEncoder(nn.Module):
         rows = lexical_mod.token_rows(
             self.tokenizer, texts, analyzer, batch_size, desc="lexical statistics"
         )
-        self.lexical = lexical_mod.statistics(rows, self.vocab_size)
+        self.use_lexical(lexical_mod.statistics(rows, self.vocab_size))
+
+    def use_lexical(self, weights: lexical_mod.LexicalWeights) -> None:
+        """Use `weights` for the lexical residual (an index's collection statistics, say); the
+        fingerprint follows."""
+        if weights.idf.numel() != self.vocab_size:
+            raise ValueError(
+                f"lexical weights have {weights.idf.numel()} entries, the vocabulary {self.vocab_size}"
+            )
+        self.lexical = weights
         self._fingerprint = None
 
     def document_idf(self, texts: Iterable[str], batch_size: int = 1024) -> torch.Tensor:
@@ -430,7 +439,7 @@ class SparseEncoder(nn.Module):
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         was_training = self.training
         self.eval()
-        bar = tqdm(
+        bar = progress(
             total=len(texts), unit=kind, desc=f"encode {_PLURAL[kind]}", disable=not show_progress
         )
         try:

@@ -188,6 +188,33 @@ def load_query_weights(folder: str | os.PathLike) -> torch.Tensor | None:
     return load_file(file)["query_weights"] if file.exists() else None
 
 
+def _load_parts(
+    path: Path, saved: SparseEncoderConfig | None, load_kwargs: dict, name_or_path, overrides: dict
+) -> tuple[SparseEncoderConfig, Any, dict[str, Any]]:
+    """(config, backbone, the encoder's saved tensors) of a csplade folder, or of a fresh encoder
+    over a plain backbone (no saved tensors)."""
+    if saved is None:
+        overrides.setdefault("base_model", str(name_or_path))
+        config = SparseEncoderConfig().with_overrides(**overrides)
+        return config, load_backbone(path, config.backbone_kind, load_kwargs), {}
+    if "variant" in overrides and "pool_next_token" not in overrides:
+        overrides["pool_next_token"] = None  # resolved again for the variant asked for
+    config = saved.with_overrides(**overrides)
+    if config.adapter:
+        from peft import PeftModel
+
+        base = load_backbone(resolve_model(config.base_model), config.backbone_kind, load_kwargs)
+        backbone = PeftModel.from_pretrained(base, path, is_trainable=False)
+    else:
+        backbone = load_backbone(path, config.backbone_kind, load_kwargs)
+    tensors = {
+        "query_weights": load_query_weights(path),
+        "head_bias": load_head_bias(path),
+        "lexical": lexical.load(path),
+    }
+    return config, backbone, tensors
+
+
 def load(
     cls: type,
     name_or_path: str | os.PathLike,
@@ -218,40 +245,13 @@ def load(
         recorded, quantization_mode, quantize_head, where=str(path / CONFIG_NAME)
     )
     load_kwargs = quantization.backbone_load_kwargs(mode, load_kwargs, path=path, device=device)
-    query_weights = head_bias = lexical_weights = None
-    if saved is not None:
-        if "variant" in overrides and "pool_next_token" not in overrides:
-            overrides["pool_next_token"] = None  # resolved again for the variant asked for
-        config = saved.with_overrides(**overrides)
-        if config.adapter:
-            from peft import PeftModel
-
-            base = load_backbone(
-                resolve_model(config.base_model), config.backbone_kind, load_kwargs
-            )
-            backbone = PeftModel.from_pretrained(base, path, is_trainable=False)
-        else:
-            backbone = load_backbone(path, config.backbone_kind, load_kwargs)
-        query_weights = load_query_weights(path)
-        head_bias = load_head_bias(path)
-        lexical_weights = lexical.load(path)
-    else:
-        overrides.setdefault("base_model", str(name_or_path))
-        config = SparseEncoderConfig().with_overrides(**overrides)
-        backbone = load_backbone(path, config.backbone_kind, load_kwargs)
+    config, backbone, saved_tensors = _load_parts(path, saved, load_kwargs, name_or_path, overrides)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if config.variant != "bi":  # a `bi` checkpoint keeps is_causal: false in its config.json
         make_causal(backbone)
-    encoder = cls(
-        backbone,
-        tokenizer,
-        config,
-        query_weights=query_weights,
-        head_bias=head_bias,
-        lexical=lexical_weights,
-    )
+    encoder = cls(backbone, tokenizer, config, **saved_tensors)
     encoder = finish_quantized(encoder, mode, quantize_head)
     if device is not None:
         encoder.to(device)

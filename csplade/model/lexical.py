@@ -19,8 +19,7 @@ the text's first word has no leading space, so ``Breast`` opening a query is not
 the documents). ``words`` reads what a BM25 library indexes: bm25s's analyzer (lower-cased words of 2+
 word characters, English stopwords dropped), each word then tokenized by the model with its leading
 space, so the residual stays on vocabulary ids the learned terms share. ``stems`` also stems the words
-(Snowball English, PyStemmer). On whole test collections (``eval/README.md``), NFCorpus's residual goes
-0.190 (tokens) -> 0.307 (words) -> 0.312 (stems) nDCG@10.
+(Snowball English, PyStemmer). How much each reading matters per collection: ``eval/README.md``.
 
 Written here rather than with a BM25 library: bm25s and Lucene score a collection over their own word
 tokenizers, and this residual is part of one text's vector, on the model's token ids, computed per
@@ -38,10 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from safetensors.torch import load_file
 
+from csplade._io import atomic_write
+from csplade._progress import progress
 from csplade.model.config import LEXICAL_ANALYZERS, LEXICAL_NAME
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def token_rows(
 ) -> Iterator[list[int]]:
     """:func:`analyzed_rows` of every text, tokenized a batch at a time, with progress."""
     batch: list[str] = []
-    for text in tqdm(texts, desc=desc, unit="doc"):
+    for text in progress(texts, desc=desc, unit="doc"):
         batch.append(text)
         if len(batch) == batch_size:
             yield from analyzed_rows(tokenizer, batch, analyzer)
@@ -245,11 +246,13 @@ def learned_part(reps: torch.Tensor, batch: dict) -> torch.Tensor:
 
 
 def save(weights: LexicalWeights, folder: str | os.PathLike) -> None:
+    """Write `weights` into `folder` (an encoder's, or an index's) atomically."""
     tensors = {
         "idf": weights.idf.detach().float().cpu().contiguous(),
         "lengths": weights.lengths.to(torch.int64).cpu().contiguous(),
     }
-    save_file(tensors, Path(folder) / LEXICAL_NAME)
+    with atomic_write(Path(folder) / LEXICAL_NAME, "wb") as handle:
+        handle.write(safetensors.torch.save(tensors))
 
 
 def load(folder: str | os.PathLike) -> LexicalWeights | None:

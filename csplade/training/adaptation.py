@@ -493,14 +493,7 @@ def run_adaptation(
     set_seed(training_args.seed)
     encoder = load_encoder_for_training(model_args)
     data_path = adapt_args.adapt_data  # a file, a folder, a BEIR name or a hub id
-    texts = read_texts(
-        data_path,
-        max_texts=adapt_args.max_adapt_texts,
-        split=adapt_args.adapt_split,
-        config=adapt_args.adapt_config,
-    )
-    if len(texts) == 0:
-        raise ValueError(f"{data_path}: no texts to adapt on")
+    texts = _adaptation_texts(adapt_args)
     logger.info(
         "adaptation: %g * %s + %g * relu + %g * lexical on %d texts from %s",
         adapt_args.lm_weight,
@@ -529,14 +522,7 @@ def run_adaptation(
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.wait_for_everyone()
-    collator = trainer.data_collator
-    if collator.language_model and collator.n_full:
-        logger.info(
-            "%d of %d texts filled adapt_max_length=%d tokens (longer texts were cut there)",
-            collator.n_full,
-            collator.n_texts,
-            adapt_args.adapt_max_length,
-        )
+    _log_truncation(trainer.data_collator, adapt_args.adapt_max_length)
     provenance = {
         "objective": objective,
         "data": str(data_path),
@@ -581,6 +567,29 @@ def _lexical_setup(encoder, texts, model_args, adapt_args, seed: int):
         scale=adapt_args.lexical_target_scale,
     )
     return texts, targets
+
+
+def _adaptation_texts(adapt_args: AdaptationArguments):
+    """The texts of `adapt_data` to adapt on (a table with a 'text' column), never none."""
+    texts = read_texts(
+        adapt_args.adapt_data,
+        max_texts=adapt_args.max_adapt_texts,
+        split=adapt_args.adapt_split,
+        config=adapt_args.adapt_config,
+    )
+    if len(texts) == 0:
+        raise ValueError(f"{adapt_args.adapt_data}: no texts to adapt on")
+    return texts
+
+
+def _log_truncation(collator: AdaptationCollator, max_length: int) -> None:
+    if collator.language_model and collator.n_full:
+        logger.info(
+            "%d of %d texts filled adapt_max_length=%d tokens (longer texts were cut there)",
+            collator.n_full,
+            collator.n_texts,
+            max_length,
+        )
 
 
 def _merge_calibrate_save(trainer, model_args, merge: bool, texts, provenance, out: Path) -> None:

@@ -33,12 +33,6 @@ from transformers import TrainerCallback, set_seed
 
 from csplade.data.groups import load_training_groups
 from csplade.data.sampling import GroupCollator
-from csplade.data.texts import (
-    calibration_documents,
-    corpus_idf,
-    document_token_rows,
-    query_texts,
-)
 from csplade.model import lexical
 from csplade.model.card import write_card
 from csplade.model.encoder import SparseEncoder
@@ -57,8 +51,9 @@ from csplade.training.base import (
     remove_incomplete_checkpoints,
     resolve_resume,
 )
-from csplade.training.distributed import check_joined, gathered
+from csplade.training.distributed import check_joined
 from csplade.training.loading import load_encoder_for_training
+from csplade.training.setup import fit_to_training_data
 
 logger = logging.getLogger(__name__)
 
@@ -178,32 +173,7 @@ def run_training(
     dataset = load_training_groups(data_args, seed=seed)  # bad data fails before a model loads
     set_seed(training_args.seed)
     encoder = load_encoder_for_training(model_args)
-    if model_args.lexical_residual and encoder.lexical is None:
-        encoder.lexical = lexical.statistics(
-            document_token_rows(encoder, dataset, lexical=True), encoder.vocab_size
-        )
-        logger.info(
-            "lexical residual (%s): IDF over %d training documents, mean length %.1f tokens at %d",
-            model_args.lexical_analyzer,
-            encoder.lexical.n_docs,
-            encoder.lexical.avgdl(model_args.doc_max_length),
-            model_args.doc_max_length,
-        )
-    if model_args.head_bias_df is not None and (
-        encoder.head_bias is None or model_args.head_bias_recalibrate
-    ):
-        calibrate_on_training_docs(
-            encoder,
-            dataset,
-            model_args.head_bias_df,
-            n=model_args.head_bias_texts,
-            queries=model_args.head_bias_queries,
-        )
-    idf = None
-    if loss_args.doc_regularizer == "idf_flops" or model_args.doc_only:
-        idf = corpus_idf(encoder, dataset)
-        if model_args.doc_only:
-            encoder.query_weights = idf.clone()
+    idf = fit_to_training_data(encoder, dataset, model_args, loss_args)
     trainer = SparseTrainer(
         model=encoder,
         args=training_args,
@@ -252,21 +222,6 @@ def _cache_info(encoder: SparseEncoder) -> dict:
         out["doc_vectors"] = {"docs": len(vectors), "hits": vectors.hits, "misses": vectors.misses}
         logger.info("frozen documents: %s", out["doc_vectors"])
     return out
-
-
-def calibrate_on_training_docs(
-    encoder: SparseEncoder, dataset, doc_fraction: float, n: int = 512, queries: bool = True
-):
-    """Calibrate the encoder's head bias on up to `n` training documents, and with `queries` on up to
-    `n` training queries too, both spread over the training data (every process the same).
-
-    A model ZeRO-3 partitioned at load time is held whole for the pass (before the engine exists).
-    """
-    lexical_docs = encoder.config.lexical_docs  # its documents use no head: queries alone
-    texts = [] if lexical_docs else calibration_documents(dataset, n)
-    query_list = query_texts(dataset, n) if queries or lexical_docs else None
-    with gathered(encoder):
-        encoder.calibrate_head_bias(texts, doc_fraction=doc_fraction, queries=query_list)
 
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path) -> Path:

@@ -22,7 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from csplade.model.config import DTYPES
+import torch
+
 from csplade.model.encoder import SparseEncoder
 from csplade.model.frozen_docs import DocVectors
 from csplade.model.prefix_cache import PrefixCache
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
     """The encoder a recipe describes, with LoRA applied when asked (trainable parameters set)."""
-    dtype = DTYPES[model_args.model_dtype]
+    dtype = getattr(torch, model_args.model_dtype)
     backbone_kwargs: dict[str, Any] = {}
     qconfig = quantization_config(model_args.quantization, dtype)
     if qconfig is not None:
@@ -57,7 +58,7 @@ def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
         # before training goes on (full fine-tuning saves whole weights).
         if model_args.use_lora:
             # a new adapter would apply to merged weights that exist in no folder: it could not be
-            # reloaded (it used to record the first base and reload on it, silently wrong)
+            # reloaded
             raise ValueError(
                 f"{model_args.model_name_or_path} holds a LoRA adapter; a second LoRA run needs a "
                 "base with whole weights (run the adaptation with merge_adapter: true, which "

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from csplade._progress import progress
 from csplade.model.head.weights import head_params
 from csplade.model.inputs import check_texts
 
@@ -54,8 +54,8 @@ def raw_max_logits(
     try:
         # 512 documents and 512 queries of SmolLM2-135M take about 2 minutes on 2 CPU cores
         steps = range(0, len(texts), batch_size)
-        bar = tqdm(steps, desc=f"head-bias calibration ({kind})", unit="batch",
-                   disable=not show_progress)  # fmt: skip
+        bar = progress(steps, desc=f"head-bias calibration ({kind})", unit="batch",
+                       disable=not show_progress)  # fmt: skip
         for start in bar:
             batch = encoder.tokenize(texts[start : start + batch_size], kind=kind)
             batch.pop("n_truncated")
@@ -105,10 +105,8 @@ def calibrate_head_bias(
 
     With `queries` (short texts, encoded as queries), each term's threshold is the higher of its
     document and its query quantile: it fires in at most ~`doc_fraction` of either. Short texts
-    sit much closer to a threshold set on documents: on SmolLM2-135M after `bi` adaptation,
-    a uniform logit shift of +1 takes held-out SciFact queries from a median 207 to 1,275 active
-    terms (documents 45 to 119); with the bias calibrated on queries too, from 15 to 172. That
-    edge is where the first contrastive steps blow query vectors up.
+    sit much closer to a threshold set on documents, which is where the first contrastive steps
+    blow query vectors up (measurements: docs/experiments.md, "The head bias at training lengths").
     A ``lexical_docs`` encoder's documents use no head: it is calibrated on `queries` alone.
     Texts with no pooled token are ignored. Returns the bias.
     """

@@ -1,56 +1,19 @@
 """The SPLADE pooling: vocabulary projection + log(1 + ReLU) + pooling over tokens, memory-bounded.
 
-SPLADE (Formal et al., 2021) turns a sequence of hidden states into one sparse vocabulary-sized vector:
-
     reps[b, v] = pool_l over pooled positions of log1p(relu(softcap(hidden[b, l] @ W[v] + bias[v])))
 
-where W (V, H) is the backbone's LM head (MLM decoder for BERT-likes). CSPLADE (arXiv 2504.10816) does
-this on causal LLMs, whose vocabularies are large (V = 128,256 for Llama-3): the (B, L, V) logits the
-straightforward code builds cost gigabytes (B=32, L=512, fp32: 8.4 GB, before autograd keeps copies).
+W (V, H) is the backbone's LM head (SPLADE, Formal et al. 2021; on causal LLMs, CSPLADE, arXiv
+2504.10816). Two implementations of each pooling, with the same signature:
 
-This module has two implementations of each pooling, with the same signature:
-
-- `naive_max_pool` / `naive_sum_pool`: the plain PyTorch formulation, (B, L, V) tensors and autograd.
-  The reference the fused versions are tested against.
+- `naive_max_pool` / `naive_sum_pool`: the plain PyTorch formulation, (B, L, V) tensors and autograd;
+  the reference the fused versions are tested against.
 - `fused_max_pool` / `fused_sum_pool`: chunked over the vocabulary with custom autograd Functions; peak
   extra memory is a few (B, L, C) / (B, C, H) chunks plus (B, V) results. (B, L, V) is never built.
 
-Why the max head is cheap. softcap (c * tanh(x / c)), ReLU and log1p are all non-decreasing, so
-max over l commutes with them: act(max_l logits) == max_l act(logits). The forward keeps, per vocab
-chunk, only the masked max logit and its argmax (B, C); the activation runs on the (B, V) maxima with
-ordinary autograd. In backward the pooled gradient flows to one position per (b, v), the argmax, so
-    grad_hidden[b, argmax[b, v]] += g[b, v] * W[v]
-    grad_W[v]                    += sum_b g[b, v] * hidden[b, argmax[b, v]]
-    grad_bias[v]                 += sum_b g[b, v]
-which is B*V*H multiply-adds (gather / index_add), not the B*L*V*H of a dense backward matmul. The max
-head's backward is thus far cheaper than the naive one; its forward costs the same matmul.
-
-The sum head cannot drop positions, so its backward recomputes each chunk's logits (checkpoint style)
-and does the two usual matmuls per chunk: about 4/3 the matmul work of the naive head, bounded memory.
-
-Precision: the matmul runs in the compute dtype (the inputs' dtype, promoted if hidden and weight
-differ, or the autocast dtype when autocast is on); max / activation / sums run in float32 and the
-result is float32 (float64 only for float64 inputs, e.g. under gradcheck). The max head takes the max
-over l in the compute dtype, which is exact (bf16/fp16 -> fp32 is lossless, so the max and argmax are
-those of the fp32 upcast). Gradients are accumulated in float32 and returned in each input's dtype.
-
-Masks: `mask` (B, L) is bool or 0/1 integers; 1 = the position is pooled (for `echo`, only the second
-copy). Padded positions never win the max and add nothing to the sum; a row with no pooled position
-gives a zero vector and zero gradients.
-
-Known limits:
-- Ties in the max: the fused head sends the whole gradient to the first maximal position (torch.max
-  returns the first index); autograd of the naive `amax` splits it between tied positions. Values agree;
-  gradients differ only at exact ties.
-- On CUDA, `index_add_` accumulates with atomics, so fused max-head gradients are not bit-reproducible
-  unless `torch.use_deterministic_algorithms(True)` is set.
-- No Triton / CUDA kernel: each chunk still writes its (B, L, C) logits to memory once. A fused
-  matmul+max kernel would avoid that traffic; the chunking already bounds memory, which was the goal.
-- The (V, H) weight gradient, when the LM head trains, is as large as the weight itself; it dominates
-  the fused head's peak (282 MiB fp32 at V=128,256, H=576). A frozen head (LoRA) skips it.
-- The naive twin masks with a float multiply (as SPLADE code usually does), so NaN / inf hidden states
-  at padded positions poison it; the fused heads zero padded rows first and are immune.
-- Memory and time: benchmarks/head_memory.py (CPU), benchmarks/gpu_check.py (GPU).
+Why the max head is cheap (the gradient flows to one position per (b, v)), what the sum head
+recomputes, the precision rules and the known limits (ties, CUDA atomics, the weight gradient):
+docs/head.md. Masks: `mask` (B, L) is bool or 0/1; 1 = the position is pooled (for `echo`, only the
+second copy); a row with no pooled position gives a zero vector and zero gradients.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ class L1(FLOPS):
 @dataclass(frozen=True, repr=False, eq=False)
 class IDFFLOPS(FLOPS):
     """IDF-aware FLOPS of the global batch (:func:`idf_flops`): recipe value ``idf_flops``; ``idf``
-    (V,) > 0 is the training documents' (``csplade.data.texts.corpus_idf``)."""
+    (V,) > 0 is the training documents' (``SparseEncoder.document_idf``)."""
 
     kind: ClassVar[str] = "idf_flops"
     for_queries: ClassVar[bool] = False  # the IDF is the documents'
