@@ -52,6 +52,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from csplade._io import atomic_write
+from csplade._progress import progress as progress_bar
 from csplade.index.storage import (
     fingerprint_ids,
     jsonable,
@@ -363,7 +364,7 @@ def _encode_shards(
 ) -> int | None:
     """Encode and write the shards in `todo`, recording each as it lands; returns V."""
     settings = job.settings
-    bar = progress(
+    bar = progress_bar(
         total=sum(job.shard_docs(i) for i in job.mine),
         initial=sum(job.shard_docs(i) for i in set(job.mine) - set(todo)),
         unit="doc",
