@@ -71,6 +71,13 @@ class LexicalTargets:
                 f"{self.encoder.vocab_size}"
             )
 
+    def describe(self, doc_max_length: int) -> dict[str, Any]:
+        """What the targets were fitted on (for the adapted model's provenance)."""
+        return {
+            "texts": self.weights.n_docs,
+            "avgdl": round(self.weights.avgdl(doc_max_length), 2),
+        }
+
     def batch(self, texts: Sequence[str], kind: str) -> tuple[dict[str, Tensor], Tensor]:
         """The encoder's tokenized batch of `texts` as `kind` and its targets (B, V) float32."""
         encoded = self.encoder.tokenize(list(texts), kind=kind)

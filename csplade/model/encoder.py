@@ -50,6 +50,7 @@ from csplade.model.bidirectional import make_bidirectional
 from csplade.model.config import ADDED_SETTINGS, SparseEncoderConfig
 from csplade.model.frozen_docs import DocVectors
 from csplade.model.head import calibration
+from csplade.model.head.pruning import keep_top_k, prune, to_csr
 from csplade.model.head.sharded import HeadCall
 from csplade.model.head.splade import bias_copy, splade_head
 from csplade.model.head.weights import unwrap, vocab_size
@@ -477,7 +478,7 @@ class SparseEncoder(nn.Module):
             batch = {k: v.to(device) for k, v in batch.items()}
             q_reps, d_reps = self(**{kind: batch})  # (b, V) float32, one of them
             reps = q_reps if kind == "query" else d_reps
-            blocks.append(_to_csr(_prune(reps, top_k, threshold)))
+            blocks.append(to_csr(prune(reps, top_k, threshold)))
             bar.update(len(idx))
         return blocks, n_truncated
 
@@ -501,7 +502,7 @@ class SparseEncoder(nn.Module):
         )
         if top_k is not None or threshold is not None:
             dense = torch.from_numpy(out.toarray())
-            out = _to_csr(_prune(dense, top_k, threshold))
+            out = to_csr(prune(dense, top_k, threshold))
         out.sort_indices()
         return out
 
@@ -581,25 +582,3 @@ class SparseEncoder(nn.Module):
         return model_io.load(
             cls, name_or_path, quantization_mode=quantization, quantize_head=quantize_head, **kwargs
         )
-
-
-def _prune(reps: torch.Tensor, top_k: int | None, threshold: float | None) -> torch.Tensor:
-    if threshold is not None:
-        reps = torch.where(reps >= threshold, reps, torch.zeros_like(reps))
-    if top_k is not None:
-        reps = keep_top_k(reps, top_k)
-    return reps
-
-
-def keep_top_k(reps: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, V) `reps` with each row's `k` largest values kept and the rest zeroed (differentiable
-    through the kept ones)."""
-    if k >= reps.shape[1]:
-        return reps
-    values, ids = reps.topk(k, dim=1)
-    return torch.zeros_like(reps).scatter(1, ids, values)
-
-
-def _to_csr(reps: torch.Tensor) -> sp.csr_matrix:
-    dense = reps.detach().float().cpu().numpy()
-    return sp.csr_matrix(dense, dtype=np.float32)

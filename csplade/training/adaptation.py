@@ -73,10 +73,9 @@ from torch import Tensor, nn
 from transformers import set_seed
 
 from csplade._io import replace_folder_files
-from csplade.data.lexical_targets import LexicalTargets, fit_statistics
+from csplade.data.lexical_targets import LexicalTargets
 from csplade.data.sampling import ADAPT_OBJECTIVES as OBJECTIVES
 from csplade.data.sampling import IGNORE_INDEX, AdaptationCollator
-from csplade.data.texts import query_length_spans, read_texts
 from csplade.model.card import write_card
 from csplade.model.encoder import SparseEncoder
 from csplade.model.head import splade_activation
@@ -88,9 +87,10 @@ from csplade.training.base import (
     check_evaluator,
     resolve_resume,
 )
-from csplade.training.distributed import check_joined, gathered
+from csplade.training.distributed import check_joined
 from csplade.training.loading import load_encoder_for_training
 from csplade.training.losses import LexicalTargetLoss, own_share
+from csplade.training.setup import adaptation_texts, calibrate_on_texts, lexical_setup
 
 logger = logging.getLogger(__name__)
 
@@ -440,41 +440,18 @@ def _save_final(encoder: SparseEncoder, output_dir: Path) -> None:
         logger.info("replaced the files of an earlier save in %s: %s", output_dir, stale)
 
 
-def _calibrate(
-    encoder: SparseEncoder,
-    texts,
-    doc_fraction: float,
-    queries: bool,
-    n: int = 512,
-    show_progress: bool = True,
-) -> None:
-    """Calibrate the head bias on (up to `n` of) the adaptation texts; with `queries`, on a
-    sentence of each of them as well, encoded as a query (:func:`query_length_spans`).
-
-    A model ZeRO-3 partitioned at load time is held whole for the pass (before the engine exists).
-    """
-    docs = texts.select(range(min(n, len(texts))))["text"]
-    spans = query_length_spans(docs) if queries else None
-    with gathered(encoder):
-        encoder.calibrate_head_bias(docs, doc_fraction, queries=spans, show_progress=show_progress)
+def _eval_head_bias(model_args: ModelArguments, texts):
+    """What sets the bias before each evaluation: the calibration the save would run (none without
+    ``head_bias_df``; the lexical objective trains the bias itself, its model is evaluated as is)."""
+    if model_args.head_bias_df is None:
+        return None
+    return partial(calibrate_on_texts, texts=texts, doc_fraction=model_args.head_bias_df,
+                   queries=model_args.head_bias_queries, n=model_args.head_bias_texts,
+                   show_progress=False)  # fmt: skip
 
 
-def run_adaptation(
-    model_args: ModelArguments,
-    adapt_args: AdaptationArguments,
-    training_args,
-    evaluator: Evaluator | None = None,
-) -> Path:
-    """Adapt the backbone a recipe describes on `adapt_data`; save and return its encoder folder.
-
-    `adapt_data` is a corpus.jsonl, a BEIR folder, a plain-text file, or the name of a BEIR folder
-    under $CSPLADE_DATA.
-    The folder (``training_args.output_dir``) loads with :meth:`SparseEncoder.from_pretrained` and
-    is a valid ``model_name_or_path`` for the contrastive ``train``: a merged model when
-    ``merge_adapter`` (or without LoRA), else the LoRA adapter over ``model_name_or_path``.
-    `evaluator` (:mod:`csplade.evaluation.during_training`) runs every ``eval_steps`` on the model
-    as adaptation would save it then: with ``head_bias_df``, a bias calibrated as below.
-    """
+def _check_recipe(model_args, adapt_args, training_args, evaluator) -> tuple[str, bool]:
+    """The adaptation's objective and whether it merges, once the recipe is known to be runnable."""
     if not training_args.output_dir:
         raise ValueError("output_dir is required (in the recipe or as --output_dir)")
     if not adapt_args.adapt_data:
@@ -490,10 +467,29 @@ def run_adaptation(
             "into quantized weights; set merge_adapter: false (the saved adapter applies to the "
             "full-precision base when reloaded)"
         )
+    return objective, merge
+
+
+def run_adaptation(
+    model_args: ModelArguments,
+    adapt_args: AdaptationArguments,
+    training_args,
+    evaluator: Evaluator | None = None,
+) -> Path:
+    """Adapt the backbone a recipe describes on `adapt_data`; save and return its encoder folder.
+
+    `adapt_data`: a corpus.jsonl, a BEIR folder (or its name under $CSPLADE_DATA), a text file.
+    The folder (``training_args.output_dir``) loads with :meth:`SparseEncoder.from_pretrained` and
+    is a valid ``model_name_or_path`` for the contrastive ``train``: a merged model when
+    ``merge_adapter`` (or without LoRA), else the LoRA adapter over ``model_name_or_path``.
+    `evaluator` (:mod:`csplade.evaluation.during_training`) runs every ``eval_steps`` on the model
+    as adaptation would save it then: with ``head_bias_df``, a bias calibrated as below.
+    """
+    objective, merge = _check_recipe(model_args, adapt_args, training_args, evaluator)
     set_seed(training_args.seed)
     encoder = load_encoder_for_training(model_args)
     data_path = adapt_args.adapt_data  # a file, a folder, a BEIR name or a hub id
-    texts = _adaptation_texts(adapt_args)
+    texts = adaptation_texts(adapt_args)
     logger.info(
         "adaptation: %g * %s + %g * relu + %g * lexical on %d texts from %s",
         adapt_args.lm_weight,
@@ -505,14 +501,10 @@ def run_adaptation(
     )
     targets = None
     if adapt_args.lexical_weight > 0:
-        texts, targets = _lexical_setup(encoder, texts, model_args, adapt_args, training_args.seed)
-    # evaluate the model with the bias its save would calibrate (the lexical objective trains the
-    # bias itself: its model is evaluated as it is)
+        texts, targets = lexical_setup(encoder, texts, model_args, adapt_args, training_args.seed)
     eval_head_bias = None
-    if evaluator is not None and model_args.head_bias_df is not None and targets is None:
-        eval_head_bias = partial(_calibrate, texts=texts, doc_fraction=model_args.head_bias_df,
-                                 queries=model_args.head_bias_queries,
-                                 n=model_args.head_bias_texts, show_progress=False)  # fmt: skip
+    if evaluator is not None and targets is None:
+        eval_head_bias = _eval_head_bias(model_args, texts)
     trainer = AdaptationTrainer(
         encoder, args=training_args, adapt_args=adapt_args, lexical_targets=targets,
         train_dataset=texts, evaluator=evaluator, eval_head_bias=eval_head_bias,
@@ -534,52 +526,10 @@ def run_adaptation(
         "adapt_args": asdict(adapt_args),
     }
     if targets is not None:
-        provenance["lexical_targets"] = {
-            "texts": targets.weights.n_docs,
-            "avgdl": round(targets.weights.avgdl(encoder.config.doc_max_length), 2),
-        }
+        provenance["lexical_targets"] = targets.describe(encoder.config.doc_max_length)
     out = Path(training_args.output_dir)
     _merge_calibrate_save(trainer, model_args, merge, texts, provenance, out)
     return out
-
-
-def _lexical_setup(encoder, texts, model_args, adapt_args, seed: int):
-    """The lexical objective's inputs: a query-like sentence of each text (a ``query`` column, drawn
-    once, seeded), the targets' IDF and lengths over the texts, and the head bias calibrated before
-    training when the recipe asks for one (the objective then trains it: no calibration after)."""
-    docs = texts["text"]
-    texts = texts.add_column("query", query_length_spans(docs, seed=seed))
-    weights = fit_statistics(encoder, docs, adapt_args.lexical_target_analyzer)
-    logger.info(
-        "lexical targets (%s): IDF over %d texts, mean length %.1f at %d tokens",
-        adapt_args.lexical_target_analyzer,
-        weights.n_docs,
-        weights.avgdl(encoder.config.doc_max_length),
-        encoder.config.doc_max_length,
-    )
-    if model_args.head_bias_df is not None and encoder.head_bias is None:
-        _calibrate(encoder, texts, model_args.head_bias_df, model_args.head_bias_queries,
-                   model_args.head_bias_texts)  # fmt: skip
-    targets = LexicalTargets(
-        encoder,
-        weights,
-        analyzer=adapt_args.lexical_target_analyzer,
-        scale=adapt_args.lexical_target_scale,
-    )
-    return texts, targets
-
-
-def _adaptation_texts(adapt_args: AdaptationArguments):
-    """The texts of `adapt_data` to adapt on (a table with a 'text' column), never none."""
-    texts = read_texts(
-        adapt_args.adapt_data,
-        max_texts=adapt_args.max_adapt_texts,
-        split=adapt_args.adapt_split,
-        config=adapt_args.adapt_config,
-    )
-    if len(texts) == 0:
-        raise ValueError(f"{adapt_args.adapt_data}: no texts to adapt on")
-    return texts
 
 
 def _log_truncation(collator: AdaptationCollator, max_length: int) -> None:
@@ -605,7 +555,7 @@ def _merge_calibrate_save(trainer, model_args, merge: bool, texts, provenance, o
         lexical = trainer.lexical_loss is not None  # it trained the bias calibrated before
         if model_args.head_bias_df is not None and not lexical:
             # after the LM phase, which moved the logits: calibrate on the adaptation texts
-            _calibrate(final, texts, model_args.head_bias_df, model_args.head_bias_queries,
+            calibrate_on_texts(final, texts, model_args.head_bias_df, model_args.head_bias_queries,
                        model_args.head_bias_texts)  # fmt: skip
         final.config = replace(final.config, extra={**final.config.extra, "adaptation": provenance})
         _save_final(final, out)
