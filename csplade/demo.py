@@ -93,6 +93,8 @@ class DemoSettings:
     eval_doc_max_length: int = 2048
     max_queries: int = 80
     max_docs: int = 400
+    # the own-vectors row of a hybrid model encodes documents through the model: at this length
+    own_doc_max_length: int = 256
 
 
 DEMO = DemoSettings()
@@ -268,8 +270,12 @@ def mine_stage(
 def _systems(settings: DemoSettings, train_dir: Path, backbone: Path) -> list[SystemSpec]:
     """The trained model beside BM25 and stemmed BM25 (and the untrained backbone, if asked)."""
     variant = settings.variant
+    trained = SystemSpec(f"{settings.name}-{variant}-trained", str(train_dir))
+    # a hybrid model (a lexical residual) is shown beside its own vectors: what the LLM adds
+    own = trained.own_vectors(doc_max_length=settings.own_doc_max_length)
     systems = [
-        SystemSpec(f"{settings.name}-{variant}-trained", str(train_dir)),
+        trained,
+        *([own] if own is not None else []),
         SystemSpec("bm25", None),
         SystemSpec("bm25-stem", None),  # the stronger lexical reference: stemmed words
     ]

@@ -477,3 +477,46 @@ def test_encode_then_search_with_collection_statistics_equals_eval(tiny_encoder_
     index_model, kept = encode_and_search("model")
     assert "lexical_stats" not in read_manifest(index_model)["settings"]["describe"]
     assert any(list(kept[q].items())[:5] != list(searched[q].items())[:5] for q in queries)
+
+
+def test_eval_own_vectors_ranks_the_model_without_its_residual(tiny_encoder_factory, tmp_path):
+    """`csplade eval --own-vectors`: beside a model with a lexical residual, NAME-own is the same
+    model with the residual off on both sides (its run equals that model saved so); a baseline and
+    a model without a residual get no extra row; the own row stays out of the model card."""
+    from beir_folder import write_beir
+
+    from csplade.cli import main
+    from csplade.evaluation.beir_eval import SystemSpec, evaluate, with_own_vectors
+
+    corpus = random_texts(40, min_words=3, max_words=20, seed=5)
+    queries = {f"q{i}": " ".join(corpus[i].split()[:3]) for i in range(8)}
+    folder = write_beir(tmp_path / "data", {f"d{i}": ("", t) for i, t in enumerate(corpus)},
+                        queries, [(f"q{i}", f"d{i}", 1) for i in range(8)], split="test")  # fmt: skip
+    encoder = tiny_encoder_factory(lexical_residual=True, lexical_docs=True, variant="bi")
+    encoder.lexical = lexical.statistics(encoder.lexical_rows(corpus), encoder.vocab_size)
+    encoder.save_pretrained(tmp_path / "hybrid")
+    encoder.config = dataclasses.replace(encoder.config, lexical_residual=False, lexical_docs=False)
+    encoder.save_pretrained(tmp_path / "learned")
+    tiny_encoder_factory().save_pretrained(tmp_path / "plain")
+
+    systems = with_own_vectors([SystemSpec.parse(str(tmp_path / m)) for m in ("hybrid", "plain")]
+                               + [SystemSpec.parse("bm25")])  # fmt: skip
+    assert [s.name for s in systems] == ["hybrid", "hybrid-own", "plain", "bm25"]
+    out = tmp_path / "out"
+    code = main(["eval", "--model", str(tmp_path / "hybrid"), "--model", str(tmp_path / "learned"),
+                 "--datasets", str(folder), "--baseline", "bm25", "--own-vectors", "--k", "20",
+                 "--latency-queries", "0", "--doc-max-length", "8", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"hybrid", "hybrid-own", "learned", "bm25"}
+    for length in (8, None):  # --doc-max-length reaches every model, the own row's too
+        evaluate([SystemSpec("learned", str(tmp_path / "learned"))], [str(folder)],
+                 tmp_path / f"ref-{length}", k=20, latency_queries=0,
+                 encoder_overrides={"doc_max_length": length} if length else None)  # fmt: skip
+    want = json.loads((tmp_path / "ref-8" / "metrics.json").read_text())["learned"]
+    assert metrics["hybrid-own"] == metrics["learned"] == want
+    uncut = json.loads((tmp_path / "ref-None" / "metrics.json").read_text())["learned"]
+    assert uncut != want
+    assert metrics["hybrid-own"] != metrics["hybrid"]
+    card = json.loads((tmp_path / "hybrid" / "csplade_eval.json").read_text())
+    assert "own" not in json.dumps(card)

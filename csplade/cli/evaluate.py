@@ -62,13 +62,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="models with a lexical residual: IDF and document lengths saved with the model "
         "(its training documents', default) or re-estimated on each corpus, as BM25 does",
     )
+    p.add_argument(
+        "--doc-max-length",
+        type=positive,
+        default=None,
+        help="documents cut at this many tokens (default: each model's own doc_max_length)",
+    )
+    p.add_argument(
+        "--own-vectors",
+        action="store_true",
+        help="beside each model with a lexical residual, the same model with it off on both sides "
+        "(NAME-own: the LLM's own vectors, documents through the model)",
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from csplade.evaluation.beir_eval import EvalOptions, SystemSpec, evaluate
+    from csplade.evaluation.beir_eval import EvalOptions, SystemSpec, evaluate, with_own_vectors
 
     systems = [SystemSpec.parse(m) for m in args.model]
+    if args.own_vectors:
+        systems = with_own_vectors(systems)
     systems += [SystemSpec.parse(b) for b in args.baseline]
     options = EvalOptions(
         split=args.split,
@@ -81,6 +95,9 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         dtype=args.dtype,
         lexical_stats=args.lexical_stats,
+        encoder_overrides=(
+            {"doc_max_length": args.doc_max_length} if args.doc_max_length is not None else None
+        ),
     )
     written = evaluate(systems, args.datasets, args.out, options)
     print(written["table"].read_text())

@@ -28,7 +28,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +62,25 @@ SETTINGS_FILE = "eval_settings.json"
 BASELINES = {"bm25": None, "bm25-stem": "english"}
 
 
+# A model's own vectors: its lexical residual off on both sides (documents through the model too)
+OWN_VECTORS = {"lexical_residual": False, "lexical_docs": False}
+
+
 @dataclass(frozen=True)
 class SystemSpec:
-    """A system to evaluate: a name and a model (name or path), or the BM25 baseline."""
+    """A system to evaluate: a name and a model (name or path), or the BM25 baseline; `overrides`:
+    encoder settings of this system alone (over :class:`EvalOptions`' ``encoder_overrides``)."""
 
     name: str
     model: str | None  # None: BM25 (`bm25`, or `bm25-stem` with Snowball English stemming)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def own_vectors(self, **overrides: Any) -> SystemSpec | None:
+        """This model with its lexical residual off (`NAME-own`: what the LLM's vectors rank
+        alone), or None for a baseline or a model without a residual (its vectors are its own)."""
+        if self.model is None or not _has_residual(self.model):
+            return None
+        return SystemSpec(f"{self.name}-own", self.model, {**OWN_VECTORS, **overrides})
 
     @classmethod
     def parse(cls, value: str) -> SystemSpec:
@@ -80,6 +93,25 @@ class SystemSpec:
                 raise ValueError(f"system {value!r}: expected NAME=MODEL")
             return cls(name, model)
         return cls(Path(value.rstrip("/")).name or value, value)
+
+
+def _has_residual(model: str) -> bool:
+    """Whether a saved csplade folder holds a lexical residual (a packaged or hub name: no)."""
+    config = Path(model) / CONFIG_NAME
+    if not config.is_file():
+        return False
+    return bool(json.loads(config.read_text()).get("lexical_residual"))
+
+
+def with_own_vectors(systems: list[SystemSpec], **overrides: Any) -> list[SystemSpec]:
+    """`systems` with each hybrid model followed by its own vectors (:meth:`SystemSpec.own_vectors`)."""
+    out = []
+    for spec in systems:
+        out.append(spec)
+        own = spec.own_vectors(**overrides)
+        if own is not None:
+            out.append(own)
+    return out
 
 
 def slice_data(
@@ -393,7 +425,11 @@ def evaluate(
                 efficiency.setdefault(spec.name, {})[dataset] = {
                     m: float(v) for m, v in eff.items() if np.isfinite(v)
                 }
-            if spec.model is not None and (Path(spec.model) / CONFIG_NAME).is_file():
+            if (
+                spec.model is not None
+                and not spec.overrides
+                and (Path(spec.model) / CONFIG_NAME).is_file()
+            ):
                 _record_in_card(spec, dataset, metrics, efficiency, options.split, note)
     notes = [note for _, _, note in sliced if note]
     slice_note = "; ".join(notes) if notes else None
@@ -410,7 +446,7 @@ def _evaluate_spec(
     if spec.model is not None:
         encoder = SparseEncoder.from_pretrained(
             spec.model, device=options.device, dtype=options.dtype,
-            **(options.encoder_overrides or {}),
+            **{**(options.encoder_overrides or {}), **spec.overrides},
         )  # fmt: skip
     for _name, data, note in sliced:
         (out / data.name).mkdir(parents=True, exist_ok=True)
