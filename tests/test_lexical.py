@@ -492,10 +492,12 @@ def test_eval_own_vectors_ranks_the_model_without_its_residual(tiny_encoder_fact
     queries = {f"q{i}": " ".join(corpus[i].split()[:3]) for i in range(8)}
     folder = write_beir(tmp_path / "data", {f"d{i}": ("", t) for i, t in enumerate(corpus)},
                         queries, [(f"q{i}", f"d{i}", 1) for i in range(8)], split="test")  # fmt: skip
-    encoder = tiny_encoder_factory(lexical_residual=True, lexical_docs=True, variant="bi")
+    encoder = tiny_encoder_factory(lexical_residual=True, lexical_docs=True, variant="bi",
+                                   lexical_analyzer="words")  # fmt: skip
     encoder.lexical = lexical.statistics(encoder.lexical_rows(corpus), encoder.vocab_size)
     encoder.save_pretrained(tmp_path / "hybrid")
-    encoder.config = dataclasses.replace(encoder.config, lexical_residual=False, lexical_docs=False)
+    encoder.config = dataclasses.replace(encoder.config, lexical_residual=False, lexical_docs=False,
+                                         lexical_analyzer="tokens")  # fmt: skip
     encoder.save_pretrained(tmp_path / "learned")
     tiny_encoder_factory().save_pretrained(tmp_path / "plain")
 

@@ -16,7 +16,6 @@ import torch
 from conftest import data_dir
 from tiny import random_texts, tiny_model, tiny_tokenizer
 
-from csplade.cli import quant as quant_cli
 from csplade.evaluation import quant_sweep
 from csplade.evaluation.quant_sweep import ROW_KEYS, SweepSettings, pareto_front, run_sweep
 from csplade.model.encoder import SparseEncoder
@@ -357,7 +356,8 @@ def test_cli_builds_the_sweep_settings(tmp_path, monkeypatch):
         captured["settings"] = settings
         return []
 
-    monkeypatch.setattr(quant_cli, "run_sweep", fake_run)
+    # the verb imports the sweep when it runs: patch it where it lives
+    monkeypatch.setattr("csplade.evaluation.quant_sweep.run_sweep", fake_run)
     argv = ["quant-sweep", "--model", "m", "--datasets", "adi", "cranfield", "--out", str(tmp_path)]
     argv += ["--modes", "none,nf4", "--quantize-head", "--max-docs", "50", "--threads", "2"]
     argv += ["--doc-max-length", "128"]

@@ -55,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--backend", choices=["numba", "scipy"], default=None, help="exact search kernel"
     )
     add_dtype(p)
+    _add_model_options(p)
+    p.set_defaults(func=_run)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """How the models are read: their lexical statistics, document length, own-vectors rows."""
     p.add_argument(
         "--lexical-stats",
         choices=LEXICAL_STATS,
@@ -74,7 +80,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="beside each model with a lexical residual, the same model with it off on both sides "
         "(NAME-own: the LLM's own vectors, documents through the model)",
     )
-    p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:

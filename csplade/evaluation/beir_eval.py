@@ -63,7 +63,7 @@ BASELINES = {"bm25": None, "bm25-stem": "english"}
 
 
 # A model's own vectors: its lexical residual off on both sides (documents through the model too)
-OWN_VECTORS = {"lexical_residual": False, "lexical_docs": False}
+OWN_VECTORS = {"lexical_residual": False, "lexical_docs": False, "lexical_analyzer": "tokens"}
 
 
 @dataclass(frozen=True)
