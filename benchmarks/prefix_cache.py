@@ -11,6 +11,8 @@ Cases, each in this process one after the other (same batches, same seed):
   baseline   LoRA on every block
   last-K     LoRA on the last K blocks (backward stops there), no cache
   last-K+cache   the same with the prefix cache; its first epoch fills the cache
+  last-K+cache, --candidate-dtype   the same with the weights in that dtype (float32: on a CPU
+                 without AMX, bf16 matmuls are slower than float32 ones)
 
 Printed: per case the mean step seconds of the first epoch and of the later ones, steps/hour of
 the later ones, and the ratio to the baseline; where the baseline's step goes (tokenize, backbone
@@ -39,6 +41,7 @@ from _measure import data_dir, load_average, machine_line
 
 from csplade.data.beir import load_beir
 from csplade.model import SparseEncoder
+from csplade.model.head.splade import splade_head
 from csplade.training.arguments import ModelArguments
 from csplade.training.loading import apply_lora, attach_prefix_cache
 from csplade.training.losses import contrastive_loss, flops
@@ -72,6 +75,14 @@ class Timer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def _head(encoder, hidden, out_emb, batch):
+    """The encoder's own head (csplade.model.head.splade_head) on hidden states already computed."""
+    mask = batch["pool_mask"].bool() & batch["attention_mask"].bool()
+    return splade_head(hidden, mask, out_emb, encoder.base_model, head_bias=encoder.head_bias,
+                       config=encoder.config, head_call=encoder.head_call,
+                       calls=encoder.head_calls)  # fmt: skip
+
+
 def step(encoder, optimizer, queries, docs, group: int, timer: Timer) -> float:
     with timer("tokenize"):
         q = encoder.tokenize(queries, kind="query")
@@ -81,9 +92,8 @@ def step(encoder, optimizer, queries, docs, group: int, timer: Timer) -> float:
         q_hidden, out_emb = encoder._hidden_states(q["input_ids"], q["attention_mask"])
         d_hidden, _ = encoder._hidden_states(d["input_ids"], d["attention_mask"])
     with timer("head"):
-        weight = out_emb.weight
-        q_reps = encoder._pool(q_hidden, (weight, None), q["pool_mask"].bool(), None)
-        d_reps = encoder._pool(d_hidden, (weight, None), d["pool_mask"].bool(), None)
+        q_reps = _head(encoder, q_hidden, out_emb, q)
+        d_reps = _head(encoder, d_hidden, out_emb, d)
     with timer("loss"):
         loss = contrastive_loss(q_reps, d_reps, group) + 1e-3 * (flops(q_reps) + flops(d_reps))
     with timer("backward"):
@@ -136,6 +146,8 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=1)
     parser.add_argument("--doc-length", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", help="the weights of the first three cases")
+    parser.add_argument("--candidate-dtype", default="float32", help="the fourth case's weights")
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama")
     args = parser.parse_args()
     if args.epochs < 2:
@@ -146,17 +158,31 @@ def main() -> None:
 
         folder = build_tiny_model(tempfile.mkdtemp(prefix="csplade-bench-"))
         base = SparseEncoder.from_pretrained(folder, doc_max_length=64, **settings)
+        candidate = SparseEncoder.from_pretrained(
+            folder, dtype=args.candidate_dtype, doc_max_length=64, **settings
+        )
         args.last_k = 1
     else:
         base = SparseEncoder.from_pretrained(
-            "smollm2-135m", dtype=torch.bfloat16, doc_max_length=args.doc_length, **settings
+            "smollm2-135m", dtype=args.dtype, doc_max_length=args.doc_length, **settings
+        )
+        candidate = SparseEncoder.from_pretrained(
+            "smollm2-135m", dtype=args.candidate_dtype, doc_max_length=args.doc_length, **settings
         )
     data = batches(args.batches, args.batch_size, args.negatives)
-    print(machine_line("cpu", torch.get_num_threads()))
+    print(machine_line("cpu", torch.get_num_threads()), f"weights {args.dtype}")
     rows = [
         run_case("baseline (LoRA on every block)", base, args, data, None, False),
         run_case(f"last {args.last_k} blocks", base, args, data, args.last_k, False),
         run_case(f"last {args.last_k} blocks + prefix cache", base, args, data, args.last_k, True),
+        run_case(
+            f"last {args.last_k} blocks + prefix cache, {args.candidate_dtype}",
+            candidate,
+            args,
+            data,
+            args.last_k,
+            True,
+        ),  # fmt: skip
     ]
     baseline = rows[0]["steps_per_hour"]
     print("| case | s/step epoch 1 | s/step later | steps/hour | x baseline |")
