@@ -55,8 +55,9 @@ class DemoSettings:
 
     # bi: MNTP-adapted bidirectional attention; each position pools its prediction of the next token
     variant: str = "bi"
-    # bf16 matmuls are much faster on recent x86 CPUs (AMX); LoRA weights stay fp32
-    model_dtype: str = "bfloat16"
+    # `auto` (:func:`resolve_dtype`): bfloat16 where its matmuls are fast (a CUDA GPU, a CPU with
+    # AMX), else float32; LoRA weights stay fp32
+    model_dtype: str = "auto"
     adapt: dict[str, Any] = field(
         default_factory=lambda: {
             "adapt_max_length": 128,
@@ -117,6 +118,24 @@ BOTH_SIDES: dict[str, Any] = {
         "reg_warmup_steps": 20,
     },
 }
+
+
+def resolve_dtype(name: str, cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """`name`, or for ``auto`` bfloat16 on a CUDA GPU or a CPU with AMX (``amx_bf16`` among the
+    flags of `cpuinfo`), else float32: without AMX a CPU computes bf16 matmuls more slowly than
+    float32 ones (a LoRA step of SmolLM2-135M 1.55x faster in float32 on 2 AVX-512 cores,
+    benchmarks/prefix_cache.py)."""
+    if name != "auto":
+        return name
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    try:
+        flags = Path(cpuinfo).read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if "amx_bf16" in flags.split() else "float32"
 
 
 def for_variant(variant: str) -> DemoSettings:
@@ -302,6 +321,7 @@ def run_demo(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    settings = replace(settings, model_dtype=resolve_dtype(settings.model_dtype))
     timings: dict[str, float] = {}
     scifact = Path(data) if data is not None else find_scifact()
     backbone = Path(backbone) if backbone is not None else prepare("smollm2-135m")

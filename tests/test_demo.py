@@ -111,3 +111,22 @@ def test_missing_data_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="CSPLADE_DATA=") as info:
         find_scifact()
     assert "network unreachable" in str(info.value)
+
+
+def test_auto_dtype_is_bfloat16_only_where_its_matmuls_are_fast(tmp_path, monkeypatch):
+    """The demo's `auto` dtype: bfloat16 on a CPU with AMX (or a CUDA GPU), float32 on one without
+    (where bf16 matmuls are slower), float32 where the CPU's flags cannot be read; a named dtype
+    is kept."""
+    from csplade.demo import DEMO, resolve_dtype
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    amx, avx = tmp_path / "amx", tmp_path / "avx"
+    amx.write_text("flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n")
+    avx.write_text("flags\t\t: fpu avx512f avx512_bf16\n")
+    assert DEMO.model_dtype == "auto"
+    assert resolve_dtype("auto", amx) == "bfloat16"
+    assert resolve_dtype("auto", avx) == "float32"
+    assert resolve_dtype("auto", tmp_path / "missing") == "float32"
+    assert resolve_dtype("bfloat16", avx) == "bfloat16"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert resolve_dtype("auto", avx) == "bfloat16"

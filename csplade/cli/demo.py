@@ -34,11 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from csplade.demo import DEMO, for_variant, run_demo
+    from csplade.demo import DEMO, for_variant, resolve_dtype, run_demo
 
     settings = for_variant(args.variant) if args.variant else DEMO
     if args.compare_untrained:
         settings = dataclasses.replace(settings, compare_untrained=True)
+    settings = dataclasses.replace(settings, model_dtype=resolve_dtype(settings.model_dtype))
     written = run_demo(args.out, full=args.full, settings=settings)
     print()
     print(summary_table(written["table"].parent))
