@@ -105,3 +105,34 @@ def test_frozen_docs_needs_lora_and_a_model_side():
         load_encoder_for_training(
             ModelArguments(model_name_or_path=save_base_tmp(), frozen_docs=True)
         )
+
+
+def test_eval_script_ranks_both_models_over_one_index_as_csplade_eval_does(trained, adi, tmp_path):
+    """eval/frozen_docs.py encodes each corpus once: its `trained` row equals `csplade eval` of the
+    trained model and its `start` row `csplade eval` of the base (documents are the base's)."""
+    import importlib.util
+    from pathlib import Path
+
+    from csplade.evaluation.beir_eval import SystemSpec, evaluate
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "frozen_docs.py"
+    spec = importlib.util.spec_from_file_location("frozen_docs_eval", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "script"
+    assert script.main(["--model", str(trained["out"]), "--datasets", str(adi),
+                        "--doc-max-length", "16", "--out", str(out)]) == 0  # fmt: skip
+    got = json.loads((out / "metrics.json").read_text())
+    assert set(got) == {"bm25", "bm25-stem", "start (adapter off)", "trained"}
+    systems = [SystemSpec("trained", str(trained["out"])), SystemSpec("base", str(trained["base"])),
+               SystemSpec("bm25", None)]  # fmt: skip
+    evaluate(systems, [str(adi)], tmp_path / "eval", latency_queries=0, dtype="float32",
+             encoder_overrides={"doc_max_length": 16})  # fmt: skip
+    want = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    name = adi.name
+    for mine, theirs in (("trained", "trained"), ("start (adapter off)", "base"), ("bm25", "bm25")):
+        for metric in ("ndcg_cut_10", "recall_100"):
+            assert got[mine][name][metric] == pytest.approx(want[theirs][name][metric], abs=1e-9)
+    assert got["trained"][name] != got["start (adapter off)"][name]
+    with pytest.raises(SystemExit):
+        script.main(["--model", str(trained["base"]), "--datasets", str(adi), "--out", str(out)])

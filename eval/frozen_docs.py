@@ -1,0 +1,113 @@
+"""A frozen-documents model and the model it started from, on whole collections, documents encoded once.
+
+A model trained with ``frozen_docs`` (csplade.model.frozen_docs) encodes its documents with its adapter
+off: they are the documents of the model the adapter was put on (its ``base_model``, e.g. a lexical
+adaptation). Both models share one index, so this script encodes each corpus once and ranks it with
+the queries of both: the trained model's (adapter on) and its start's (adapter off, the step-0 row),
+beside BM25 and stemmed BM25 from the same run. `csplade eval` would encode every corpus twice.
+
+    python eval/frozen_docs.py --model runs/smollm2-135m/train-frozen-bi \\
+        --datasets scifact nfcorpus cranfield adi --doc-max-length 256 --out runs/frozen-eval
+
+Writes ``metrics.json`` and ``table.md`` (nDCG@10 with the ratio to BM25, R@100, mean query and
+document nnz) under --out, updated after each data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rows(encoder, data, k: int, batch_size: int) -> dict[str, dict[str, float]]:
+    from csplade.evaluation.beir_eval import BASELINES
+    from csplade.evaluation.metrics import evaluate_run, sparsity_stats
+    from csplade.index import InvertedIndex
+    from csplade.index.bm25 import bm25_search
+    from csplade.model.frozen_docs import adapter_off
+
+    out = {}
+    for name, stemmer in BASELINES.items():
+        run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=k, stemmer=stemmer)
+        out[name] = dict(evaluate_run(data.qrels, run, ["ndcg_cut_10", "recall_100"]).mean)
+    docs = encoder.encode_docs(data.doc_texts, batch_size=batch_size)  # adapter off: frozen_docs
+    index = InvertedIndex.build(docs, data.doc_ids)
+    query_ids = list(data.queries)
+    texts = [data.queries[q] for q in query_ids]
+    with adapter_off(encoder.backbone):
+        start = encoder.encode_queries(texts, batch_size=batch_size, show_progress=False)
+    trained = encoder.encode_queries(texts, batch_size=batch_size, show_progress=False)
+    for name, q_reps in (("start (adapter off)", start), ("trained", trained)):
+        ranked = index.search_ids(q_reps, query_ids, k=min(k, len(data.doc_ids)))
+        run = {q: dict(pairs) for q, pairs in ranked.items()}
+        row = dict(evaluate_run(data.qrels, run, ["ndcg_cut_10", "recall_100"]).mean)
+        out[name] = {**row, **sparsity_stats(q_reps, docs)}
+    return out
+
+
+def _table(metrics: dict) -> str:
+    datasets = list(next(iter(metrics.values())))
+    systems = list(metrics)
+    lines = ["| system | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
+    for system in systems:
+        cells = []
+        for d in datasets:
+            value = metrics[system][d]["ndcg_cut_10"]
+            ratio = value / metrics["bm25"][d]["ndcg_cut_10"]
+            cells.append(f"{value:.3f} ({ratio:.2f}x)")
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    lines += ["", "R@100, query nnz / doc nnz:", ""]
+    for system in systems:
+        parts = []
+        for d in datasets:
+            row = metrics[system][d]
+            nnz = f", {row['query_nnz']:.0f}/{row['doc_nnz']:.0f}" if "query_nnz" in row else ""
+            parts.append(f"{d} {row['recall_100']:.3f}{nnz}")
+        lines.append(f"- {system}: " + "; ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a folder trained with frozen_docs")
+    parser.add_argument(
+        "--datasets", nargs="+", default=["scifact", "nfcorpus", "cranfield", "adi"]
+    )
+    parser.add_argument("--doc-max-length", type=int, default=256)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--k", type=int, default=1000)
+    parser.add_argument("--out", default=str(REPO / "runs" / "frozen-eval"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("CSPLADE_DATA", str(REPO.parent / "shared" / "data"))
+    from csplade._io import write_json_atomic
+    from csplade.data.beir import find_dataset, load_beir
+    from csplade.model import SparseEncoder
+
+    encoder = SparseEncoder.from_pretrained(
+        args.model, dtype=args.dtype, doc_max_length=args.doc_max_length
+    )
+    if not (encoder.config.frozen_docs and encoder.is_adapter):
+        parser.error(f"{args.model} is not a frozen_docs adapter (train it with frozen_docs: true)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, dict] = {}
+    for name in args.datasets:
+        started = time.time()
+        data = load_beir(find_dataset(name), split="test")
+        for system, row in _rows(encoder, data, args.k, args.batch_size).items():
+            metrics.setdefault(system, {})[data.name] = row
+        print(f"{name}: {time.time() - started:.0f} s", file=sys.stderr)
+        write_json_atomic(out / "metrics.json", metrics)
+        (out / "table.md").write_text(_table(metrics))
+    print(_table(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
