@@ -314,9 +314,8 @@ def run_demo(
 ):
     """Run (or resume) the demo; returns the paths written by the evaluation.
 
-    `data` (a BEIR folder; default SciFact, see :func:`find_scifact`) and `backbone` (a plain HF folder;
-    default the prepared SmolLM2-135M) let the same pipeline run on other collections and models: the
-    test suite runs it on the tiny ADI collection with a tiny random model.
+    `data` (a BEIR folder; default SciFact, :func:`find_scifact`) and `backbone` (a plain HF folder;
+    default the prepared SmolLM2-135M) let it run on other collections and models (the tests: ADI).
     """
 
     out = Path(out)
