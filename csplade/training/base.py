@@ -202,7 +202,7 @@ class CheckpointingTrainer(Trainer):
         metrics[f"{metric_key_prefix}_runtime"] = round(seconds, 2)
         if self._clock is not None:
             trained = started - self._clock[0] - self._clock[1]  # less the earlier evaluations
-            metrics[f"{metric_key_prefix}_train_seconds"] = round(trained, 1)
+            metrics[f"{metric_key_prefix}_train_seconds"] = round(trained, 3)
             self._clock[1] += seconds
         if self.is_world_process_zero():
             summary = getattr(self.evaluator, "summary", None)
