@@ -242,3 +242,20 @@ def test_head_bias_learning_rate_gives_the_bias_its_own_group(tmp_path):
             assert all(g["initial_lr"] == 1e-3 for g in groups if g is not with_bias[0])
         moved[lr] = float(encoder.head_bias.detach().abs().max())
     assert moved[0.05] > 10 * moved[None] > 0
+
+
+def test_the_default_adaptation_is_the_papers():
+    """lexical_weight defaults to 0: L_LM + L_ReLU as before, in the dataclass and in the shipped
+    MNTP recipe; the lexical recipe turns it on alone."""
+    from pathlib import Path
+
+    from csplade.training.recipe import ADAPT_TYPES, parse_recipe
+
+    default = AdaptationArguments()
+    assert (default.lm_weight, default.relu_weight, default.lexical_weight) == (1.0, 1.0, 0.0)
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m"
+    shipped = parse_recipe(recipes / "adapt-bi.yaml", ["--use_cpu", "true"], types=ADAPT_TYPES)[1]
+    assert shipped.lexical_weight == 0.0 and shipped.lm_weight == 1.0
+    lexical = parse_recipe(recipes / "adapt-lexical-bi.yaml", ["--use_cpu", "true"],
+                           types=ADAPT_TYPES)[1]  # fmt: skip
+    assert (lexical.lm_weight, lexical.relu_weight, lexical.lexical_weight) == (0.0, 0.0, 1.0)
