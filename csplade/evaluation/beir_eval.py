@@ -52,6 +52,7 @@ from csplade.index.identity import LEXICAL_STATS, fit_to_collection
 from csplade.model.card import record_eval
 from csplade.model.config import CONFIG_NAME
 from csplade.model.encoder import SparseEncoder
+from csplade.model.io import read_config
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +98,8 @@ class SystemSpec:
 
 def _has_residual(model: str) -> bool:
     """Whether a saved csplade folder holds a lexical residual (a packaged or hub name: no)."""
-    config = Path(model) / CONFIG_NAME
-    if not config.is_file():
-        return False
-    return bool(json.loads(config.read_text()).get("lexical_residual"))
+    config = read_config(Path(model)) if Path(model).is_dir() else None
+    return config is not None and config.lexical_residual
 
 
 def with_own_vectors(systems: list[SystemSpec], **overrides: Any) -> list[SystemSpec]:

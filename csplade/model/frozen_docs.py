@@ -18,12 +18,13 @@ Known limit: one process's vectors per process (DDP ranks keep their own).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
+
+from csplade.model.prefix_cache import text_key
 
 
 def encode(encoder, batch: dict[str, Tensor]) -> Tensor:
@@ -54,16 +55,11 @@ class DocVectors:
     def __len__(self) -> int:
         return len(self._vectors)
 
-    @staticmethod
-    def _key(ids: Tensor, mask: Tensor) -> bytes:
-        real = ids[mask.bool()]
-        return hashlib.blake2b(real.cpu().numpy().tobytes(), digest_size=16).digest()
-
     def vectors(self, encode: Callable[..., Tensor], batch: dict[str, Tensor]) -> Tensor:
         """(B, V) float32: the batch's document vectors, encoding (`encode(**sub_batch)`) only those
         not seen before."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        keys = [self._key(ids[i], mask[i]) for i in range(ids.shape[0])]
+        keys = [text_key(ids[i][mask[i].bool()]) for i in range(ids.shape[0])]
         missing = [i for i, key in enumerate(keys) if key not in self._vectors]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)

@@ -53,6 +53,11 @@ def _swapped(layers: nn.ModuleList, indices: range) -> Iterator[None]:
             layers[i] = layer
 
 
+def text_key(ids: Tensor) -> bytes:
+    """A text's key in the per-text caches (this one, csplade.model.frozen_docs): its token ids."""
+    return hashlib.blake2b(ids.cpu().numpy().tobytes(), digest_size=16).digest()
+
+
 class PrefixCache:
     """Hidden states after the first `n_frozen` decoder blocks, per text (see the module docstring)."""
 
@@ -85,10 +90,6 @@ class PrefixCache:
                     f"the prefix cache needs frozen lower blocks, but {name} trains {trained[:3]}"
                 )
 
-    @staticmethod
-    def _key(ids: Tensor) -> bytes:
-        return hashlib.blake2b(ids.cpu().numpy().tobytes(), digest_size=16).digest()
-
     def last_hidden_state(
         self, decoder: nn.Module, input_ids: Tensor, attention_mask: Tensor
     ) -> Tensor:
@@ -98,7 +99,7 @@ class PrefixCache:
         right_padded = bool((attention_mask.bool() == (positions < lengths.unsqueeze(1))).all())
         if not right_padded:
             return self._plain(decoder, input_ids, attention_mask)
-        keys = [self._key(input_ids[i, : int(n)]) for i, n in enumerate(lengths)]
+        keys = [text_key(input_ids[i, : int(n)]) for i, n in enumerate(lengths)]
         missing = [i for i, key in enumerate(keys) if key not in self._states]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
