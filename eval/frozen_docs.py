@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "runs" / "frozen-eval"))
     args = parser.parse_args(argv)
     os.environ.setdefault("CSPLADE_DATA", str(REPO.parent / "shared" / "data"))
-    from csplade._io import write_json_atomic
+    from csplade._io import write_json_atomic, write_text_atomic
     from csplade.data.beir import find_dataset, load_beir
     from csplade.model import SparseEncoder
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics.setdefault(system, {})[data.name] = row
         print(f"{name}: {time.time() - started:.0f} s", file=sys.stderr)
         write_json_atomic(out / "metrics.json", metrics)
-        (out / "table.md").write_text(_table(metrics))
+        write_text_atomic(out / "table.md", _table(metrics))
     print(_table(metrics))
     return 0
 
