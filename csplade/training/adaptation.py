@@ -556,7 +556,7 @@ def _merge_calibrate_save(trainer, model_args, merge: bool, texts, provenance, o
         if model_args.head_bias_df is not None and not lexical:
             # after the LM phase, which moved the logits: calibrate on the adaptation texts
             calibrate_on_texts(final, texts, model_args.head_bias_df, model_args.head_bias_queries,
-                       model_args.head_bias_texts)  # fmt: skip
+                               model_args.head_bias_texts)  # fmt: skip
         final.config = replace(final.config, extra={**final.config.extra, "adaptation": provenance})
         _save_final(final, out)
         logger.info("adapted encoder saved to %s (%s)", out, "merged" if merge else "as saved")

@@ -115,7 +115,7 @@ def lexical_setup(encoder, texts, model_args, adapt_args, seed: int):
     )
     if model_args.head_bias_df is not None and encoder.head_bias is None:
         calibrate_on_texts(encoder, texts, model_args.head_bias_df, model_args.head_bias_queries,
-                   model_args.head_bias_texts)  # fmt: skip
+                           model_args.head_bias_texts)  # fmt: skip
     targets = LexicalTargets(
         encoder,
         weights,
