@@ -9,6 +9,9 @@ beside BM25 and stemmed BM25 from the same run. `csplade eval` would encode ever
     python eval/frozen_docs.py --model runs/smollm2-135m/train-frozen-bi \\
         --datasets scifact nfcorpus cranfield adi --doc-max-length 256 --out runs/frozen-eval
 
+With ``--doc-vectors FILE`` the documents' vectors are kept in FILE: a later run of a model trained from
+the same start (or a training run with ``frozen_docs_file: FILE``) encodes only what FILE lacks.
+
 Writes ``metrics.json`` and ``table.md`` (nDCG@10 with the ratio to BM25, R@100, mean query and
 document nnz) under --out, updated after each data set.
 """
@@ -83,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--out", default=str(REPO / "runs" / "frozen-eval"))
+    parser.add_argument(
+        "--doc-vectors",
+        help="a file of the documents' vectors (read when it exists, written after each data set): "
+        "the next model trained from the same start, or a training run's frozen_docs_file, reuses them",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("CSPLADE_DATA", str(REPO.parent / "shared" / "data"))
     from csplade._io import write_json_atomic, write_text_atomic
@@ -94,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not (encoder.config.frozen_docs and encoder.is_adapter):
         parser.error(f"{args.model} is not a frozen_docs adapter (train it with frozen_docs: true)")
+    from csplade.model.frozen_docs import DocVectors
+
+    if args.doc_vectors:
+        encoder.doc_vectors = DocVectors.for_encoder(encoder, args.doc_vectors)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, dict] = {}
@@ -102,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         data = load_beir(find_dataset(name), split="test")
         for system, row in _rows(encoder, data, args.k, args.batch_size).items():
             metrics.setdefault(system, {})[data.name] = row
+        if args.doc_vectors:
+            encoder.doc_vectors.save(args.doc_vectors)
         print(f"{name}: {time.time() - started:.0f} s", file=sys.stderr)
         write_json_atomic(out / "metrics.json", metrics)
         write_text_atomic(out / "table.md", _table(metrics))

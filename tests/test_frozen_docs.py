@@ -136,3 +136,94 @@ def test_eval_script_ranks_both_models_over_one_index_as_csplade_eval_does(train
     assert got["trained"][name] != got["start (adapter off)"][name]
     with pytest.raises(SystemExit):
         script.main(["--model", str(trained["base"]), "--datasets", str(adi), "--out", str(out)])
+
+
+def test_doc_vectors_file_reads_back_what_was_saved_and_refuses_other_models(tmp_path):
+    from csplade.model.frozen_docs import fingerprint
+
+    base = SparseEncoder.from_pretrained(save_base_tmp())
+    batch = base.tokenize(TEXTS[:6], kind="doc")
+    batch.pop("n_truncated")
+    cache = DocVectors(fingerprint(base))
+    with torch.no_grad():
+        first = cache.vectors(base._encode_batch, batch)
+    cache.save(tmp_path / "docs.safetensors")
+    again = DocVectors.load(tmp_path / "docs.safetensors", fingerprint(base))
+    assert len(again) == 6
+    with torch.no_grad():
+        read = again.vectors(base._encode_batch, batch)
+    assert (again.misses, again.hits) == (0, 6)
+    assert torch.equal(read, first)
+    other = SparseEncoder.from_pretrained(save_base_tmp(), variant="bi")
+    assert fingerprint(other) != fingerprint(base)
+    with pytest.raises(ValueError, match="another model"):
+        DocVectors.for_encoder(other, tmp_path / "docs.safetensors")
+    import safetensors.torch
+
+    safetensors.torch.save_file({"x": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a document-vectors file"):
+        DocVectors.load(tmp_path / "other.safetensors", fingerprint(base))
+
+
+def test_runs_share_the_documents_file_of_a_training_run_and_an_evaluation(trained, adi, tmp_path):
+    """A run with frozen_docs_file writes its documents' vectors; a second run from the same base
+    encodes none of them again and trains the same adapter; the evaluation script of the trained
+    model reads the same file (one fingerprint for the base and the trained folder) and ranks as it
+    does without it."""
+    from safetensors.torch import load_file
+
+    from csplade.training.loading import load_encoder_for_training
+
+    groups = write_groups(tmp_path / "groups.jsonl", n=48)
+    shared = tmp_path / "docs.safetensors"
+
+    def run(name):
+        argv = [
+            "--model_name_or_path", str(trained["base"]), "--train_data", str(groups),
+            "--output_dir", str(tmp_path / name), "--per_device_train_batch_size", "16",
+            "--group_size", "4", "--learning_rate", "1e-2", "--max_steps", "4", "--save_steps",
+            "1000", "--use_cpu", "true", "--seed", "7", "--use_lora", "--lora_r", "8",
+            "--lora_dropout", "0", "--frozen_docs", "true", "--frozen_docs_file", str(shared),
+        ]  # fmt: skip
+        out = run_training(*parse_recipe(None, argv))
+        return out, json.loads((out / "run_info.json").read_text())["doc_vectors"]
+
+    first, info = run("first")
+    assert info["misses"] > 0 and shared.exists()
+    second, again = run("second")
+    assert again["misses"] == 0 and again["hits"] == info["hits"] + info["misses"]
+    adapters = [load_file(o / "adapter_model.safetensors") for o in (first, second)]
+    for name, tensor in adapters[0].items():
+        assert torch.equal(tensor, adapters[1][name]), name
+
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "frozen_docs.py"
+    spec = importlib.util.spec_from_file_location("frozen_docs_eval", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = ["--model", str(second), "--datasets", str(adi), "--doc-max-length", "16"]
+    assert script.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert (
+        script.main([*common, "--out", str(tmp_path / "file"), "--doc-vectors", str(shared)]) == 0
+    )
+    plain, filed = (
+        json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("plain", "file")
+    )
+    name = adi.name
+    assert filed["trained"][name] == pytest.approx(plain["trained"][name], abs=1e-6)
+    kept = len(DocVectors.load(shared, info_fingerprint(second)))
+    assert info["docs"] < kept <= info["docs"] + 82  # + ADI's distinct token sequences
+
+    argv = ["--model_name_or_path", str(trained["base"]), "--output_dir", str(tmp_path / "x"),
+            "--use_cpu", "true", "--use_lora", "--frozen_docs", "true", "--variant", "bi",
+            "--frozen_docs_file", str(shared)]  # fmt: skip
+    with pytest.raises(ValueError, match="another model"):
+        load_encoder_for_training(parse_recipe(None, argv)[0])
+
+
+def info_fingerprint(folder):
+    from csplade.model.frozen_docs import fingerprint
+
+    return fingerprint(SparseEncoder.from_pretrained(folder))

@@ -110,10 +110,20 @@ class ModelArguments(EncoderSettings):
             "blocks and run only the trained ones when it comes back (csplade.model.prefix_cache)"
         },
     )
+    frozen_docs_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "with frozen_docs: a file of document vectors shared by runs from the same model "
+            "(read when it exists, written at the end; eval/frozen_docs.py --doc-vectors writes one "
+            "for whole collections); a file made by another model is refused"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("model_dtype", self.model_dtype, DTYPES)
+        if self.frozen_docs_file and not self.frozen_docs:
+            raise ValueError("frozen_docs_file holds frozen documents' vectors: set frozen_docs")
         if self.cache_frozen_layers and not (self.use_lora and self.lora_last_layers):
             raise ValueError(
                 "cache_frozen_layers needs frozen lower blocks: use_lora with lora_last_layers"

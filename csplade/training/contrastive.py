@@ -206,6 +206,8 @@ def run_training(
     )
     if trainer.args.should_save:
         write_card(training_args.output_dir)
+        if model_args.frozen_docs_file:
+            encoder.doc_vectors.save(model_args.frozen_docs_file)
     return Path(training_args.output_dir)
 
 

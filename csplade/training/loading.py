@@ -84,7 +84,7 @@ def load_encoder_for_training(model_args: ModelArguments) -> SparseEncoder:
             raise ValueError(
                 "frozen_docs encodes documents with the adapter off: it needs use_lora"
             )
-        encoder.doc_vectors = DocVectors()
+        encoder.doc_vectors = DocVectors.for_encoder(encoder, model_args.frozen_docs_file)
         if encoder.head_bias is not None:  # it shapes the documents' vectors too
             encoder.head_bias.requires_grad_(False)
     encoder.train()
