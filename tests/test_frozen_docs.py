@@ -154,6 +154,13 @@ def test_doc_vectors_file_reads_back_what_was_saved_and_refuses_other_models(tmp
         read = again.vectors(base._encode_batch, batch)
     assert (again.misses, again.hits) == (0, 6)
     assert torch.equal(read, first)
+    later = DocVectors(fingerprint(base))  # another run saves two more documents to the file
+    two = base.tokenize(TEXTS[6:8], kind="doc")
+    two.pop("n_truncated")
+    with torch.no_grad():
+        later.vectors(base._encode_batch, two)
+    later.save(tmp_path / "docs.safetensors")
+    assert len(DocVectors.load(tmp_path / "docs.safetensors", fingerprint(base))) == 8
     other = SparseEncoder.from_pretrained(save_base_tmp(), variant="bi")
     assert fingerprint(other) != fingerprint(base)
     with pytest.raises(ValueError, match="another model"):

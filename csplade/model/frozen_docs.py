@@ -99,7 +99,11 @@ class DocVectors:
         self.vocab: int | None = None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write every vector to `path` (safetensors, atomically), with the fingerprint."""
+        """Write every vector to `path` (safetensors, atomically), with the fingerprint. Vectors the
+        file holds and these lack (another run from the same model saved them) are kept."""
+        if os.path.exists(path):
+            for key, vector in DocVectors.load(path, self.fingerprint)._vectors.items():
+                self._vectors.setdefault(key, vector)
         keys = list(self._vectors)
         rows = [self._vectors[key] for key in keys]
         lengths = torch.tensor([len(idx) for idx, _ in rows], dtype=torch.int64)
