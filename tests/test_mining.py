@@ -212,3 +212,20 @@ def test_pseudo_query_mining_writes_groups_without_the_own_document(adi, tmp_pat
         assert own not in {n["_id"] for n in row["negatives"]} and len(row["negatives"]) <= 4
         assert row["query"] not in row["positives"][0]["text"]
     assert sum(len(row["negatives"]) == 4 for row in rows) > len(rows) // 2
+
+
+def test_hold_out_leaves_out_the_queries_of_the_dev_slice(data_root, tmp_path):
+    """`hold_out=N` drops exactly the queries a dev slice of the same split (eval_max_queries <= N)
+    evaluates on, and nothing else."""
+    from csplade.data.beir import load_beir
+    from csplade.evaluation.beir_eval import slice_data
+
+    out = tmp_path / "held.jsonl"
+    stats = mine(data_root / "scifact", out, model="bm25", split="train", depth=10, hold_out=60)
+    dev, _ = slice_data(load_beir(data_root / "scifact", split="train"), 400, 60)
+    kept = {g["query_id"] for g in read_jsonl(out)}
+    assert stats["held_out_queries"] == len(dev.queries) == 60
+    assert not kept & set(dev.queries)
+    assert len(kept) == stats["groups"] == 809 - 60
+    with pytest.raises(ValueError, match="hold_out"):
+        mine(data_root / "scifact", out, model="bm25", pseudo="title", hold_out=5)

@@ -57,6 +57,13 @@ def _register_mine(sub) -> None:
         "--max-queries", type=positive, default=None, help="pseudo-queries: a random sample of N"
     )
     p.add_argument("--seed", type=non_negative, default=0, help="pseudo-queries: sampling seed")
+    p.add_argument(
+        "--hold-out",
+        type=non_negative,
+        default=0,
+        help="leave out the split's first N judged queries (file order): those a dev slice of the "
+        "same split evaluates on (eval_data `DATA:SPLIT`, eval_max_queries <= N)",
+    )
     add_batch_size(p)
     add_device(p, default_help="the model's")
     p.set_defaults(func=_mine)
@@ -109,6 +116,7 @@ def _mine(args: argparse.Namespace) -> int:
         pseudo=args.pseudo_queries,
         max_queries=args.max_queries,
         seed=args.seed,
+        hold_out=args.hold_out,
         index_dir=args.index_dir,
         batch_size=args.batch_size,
         device=args.device,

@@ -292,6 +292,8 @@ class MiningOptions:
     pseudo: str | None = None
     max_queries: int | None = None
     seed: int = 0
+    # the split's first judged queries (file order) left out: those a dev slice of it evaluates on
+    hold_out: int = 0
     # a model's run
     index_dir: str | os.PathLike | None = None
     batch_size: int = 32
@@ -305,6 +307,10 @@ class MiningOptions:
         mine_negatives(
             {}, {}, depth=self.depth, n_negatives=self.n_negatives, skip_top=self.skip_top
         )
+        if self.hold_out < 0:
+            raise ValueError(f"hold_out must be >= 0, got {self.hold_out}")
+        if self.hold_out and self.pseudo:
+            raise ValueError("hold_out leaves out judged queries: not with pseudo-queries")
 
 
 def mine(
@@ -325,6 +331,8 @@ def mine(
         folder, split, pseudo, options.max_queries, options.seed
     )
     usable = {doc_id: doc for doc_id, doc in corpus.items() if doc_text(doc)}
+    held = set([q for q in queries if q in qrels][: options.hold_out])  # slice_data's first ones
+    qrels = {q: judged for q, judged in qrels.items() if q not in held}
     targets = {
         q: queries[q]
         for q, judged in qrels.items()
@@ -348,6 +356,7 @@ def mine(
         "skip_top": options.skip_top,
         "n_negatives": options.n_negatives,
         "judged_queries": len(qrels),
+        "held_out_queries": len(held),
         "groups": len(groups),
         "negatives_mean": round(sum(n_neg) / len(n_neg), 2),
         "queries_without_negatives": sum(n == 0 for n in n_neg),
