@@ -122,6 +122,11 @@ def test_bm25_mining_on_a_small_folder(tmp_path):
     ]
     assert row["query"] == "apple banana cherry"
 
+    kept = tmp_path / "kept.jsonl"
+    stats = mine(folder, kept, model="bm25", depth=4, n_negatives=3, drop_without_negatives=True)
+    assert stats["dropped_without_negatives"] == 1 and stats["groups"] == len(groups) - 1
+    assert read_jsonl(kept) == [g for g in groups if g["query_id"] != "q5"]
+
 
 def test_depth_and_skip_top_limit_the_window(tmp_path):
     folder = write_beir(tmp_path / "toy", DOCS, QUERIES, QRELS)

@@ -64,6 +64,12 @@ def _register_mine(sub) -> None:
         help="leave out the split's first N judged queries (file order): those a dev slice of the "
         "same split evaluates on (eval_data `DATA:SPLIT`, eval_max_queries <= N)",
     )
+    p.add_argument(
+        "--drop-without-negatives",
+        action="store_true",
+        help="leave out (and count) the queries the run found no negative for, instead of writing "
+        "them with none",
+    )
     add_batch_size(p)
     add_device(p, default_help="the model's")
     p.set_defaults(func=_mine)
@@ -117,6 +123,7 @@ def _mine(args: argparse.Namespace) -> int:
         max_queries=args.max_queries,
         seed=args.seed,
         hold_out=args.hold_out,
+        drop_without_negatives=args.drop_without_negatives,
         index_dir=args.index_dir,
         batch_size=args.batch_size,
         device=args.device,

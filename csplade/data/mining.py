@@ -250,6 +250,7 @@ _WARNED_COUNTS = (
     "negatives_not_usable",
     "queries_not_in_run",
     "queries_without_negatives",
+    "dropped_without_negatives",
 )
 
 
@@ -294,6 +295,9 @@ class MiningOptions:
     seed: int = 0
     # the split's first judged queries (file order) left out: those a dev slice of it evaluates on
     hold_out: int = 0
+    # leave out the groups the run found no negative for (counted in the stats), instead of writing
+    # them with none: a trainer with group_size > 1 and no corpus to draw from cannot fill them
+    drop_without_negatives: bool = False
     # a model's run
     index_dir: str | os.PathLike | None = None
     batch_size: int = 32
@@ -347,8 +351,13 @@ def mine(
     groups, group_stats = build_groups(queries, qrels, negatives, items)
     if not groups:
         raise ValueError(f"{folder}: split {split!r} has no query with a usable positive document")
-    write_groups_jsonl(out, groups)
     n_neg = [len(g["negatives"]) for g in groups]
+    n_groups = len(groups)
+    if options.drop_without_negatives:
+        groups = [g for g in groups if g["negatives"]]
+        if not groups:
+            raise ValueError(f"{folder}: the run found no negative for any query of {split!r}")
+    write_groups_jsonl(out, groups)
     stats: dict[str, Any] = {
         "source": source,
         "split": split,
@@ -360,6 +369,7 @@ def mine(
         "groups": len(groups),
         "negatives_mean": round(sum(n_neg) / len(n_neg), 2),
         "queries_without_negatives": sum(n == 0 for n in n_neg),
+        "dropped_without_negatives": n_groups - len(groups),
         "empty_docs_in_corpus": len(corpus) - len(usable),
         **pseudo_stats,
         **mine_stats,
