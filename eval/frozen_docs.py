@@ -11,6 +11,8 @@ beside BM25 and stemmed BM25 from the same run. `csplade eval` would encode ever
 
 With ``--doc-vectors FILE`` the documents' vectors are kept in FILE: a later run of a model trained from
 the same start (or a training run with ``frozen_docs_file: FILE``) encodes only what FILE lacks.
+``--model`` may also be that start itself (a folder that is not an adapter, e.g. the lexical
+adaptation): its own vectors are the step-0 row, and FILE is filled before any training run.
 
 Writes ``metrics.json`` and ``table.md`` (nDCG@10 with the ratio to BM25, R@100, mean query and
 document nnz) under --out, updated after each data set.
@@ -22,6 +24,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +47,11 @@ def _rows(encoder, data, k: int, batch_size: int) -> dict[str, dict[str, float]]
     texts = [data.queries[q] for q in query_ids]
     with adapter_off(encoder.backbone):
         start = encoder.encode_queries(texts, batch_size=batch_size, show_progress=False)
-    trained = encoder.encode_queries(texts, batch_size=batch_size, show_progress=False)
-    for name, q_reps in (("start (adapter off)", start), ("trained", trained)):
+    systems = [("start (adapter off)", start)]
+    if encoder.is_adapter:
+        trained = encoder.encode_queries(texts, batch_size=batch_size, show_progress=False)
+        systems.append(("trained", trained))
+    for name, q_reps in systems:
         ranked = index.search_ids(q_reps, query_ids, k=min(k, len(data.doc_ids)))
         run = {q: dict(pairs) for q, pairs in ranked.items()}
         row = dict(evaluate_run(data.qrels, run, ["ndcg_cut_10", "recall_100"]).mean)
@@ -77,7 +83,11 @@ def _table(metrics: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a folder trained with frozen_docs")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a folder trained with frozen_docs, or the model such a run starts from",
+    )
     parser.add_argument(
         "--datasets", nargs="+", default=["scifact", "nfcorpus", "cranfield", "adi"]
     )
@@ -100,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     encoder = SparseEncoder.from_pretrained(
         args.model, dtype=args.dtype, doc_max_length=args.doc_max_length
     )
-    if not (encoder.config.frozen_docs and encoder.is_adapter):
-        parser.error(f"{args.model} is not a frozen_docs adapter (train it with frozen_docs: true)")
+    if encoder.is_adapter and not encoder.config.frozen_docs:
+        parser.error(f"{args.model} is an adapter without frozen_docs: use csplade eval")
+    if not encoder.is_adapter:  # the start of a frozen_docs run: its documents, through the file
+        encoder.config = replace(encoder.config, frozen_docs=True)
     from csplade.model.frozen_docs import DocVectors
 
     if args.doc_vectors:

@@ -134,8 +134,13 @@ def test_eval_script_ranks_both_models_over_one_index_as_csplade_eval_does(train
         for metric in ("ndcg_cut_10", "recall_100"):
             assert got[mine][name][metric] == pytest.approx(want[theirs][name][metric], abs=1e-9)
     assert got["trained"][name] != got["start (adapter off)"][name]
-    with pytest.raises(SystemExit):
-        script.main(["--model", str(trained["base"]), "--datasets", str(adi), "--out", str(out)])
+    # the start itself: its step-0 row, the same as the trained model's `start` row
+    start = tmp_path / "start"
+    assert script.main(["--model", str(trained["base"]), "--datasets", str(adi),
+                        "--doc-max-length", "16", "--out", str(start)]) == 0  # fmt: skip
+    alone = json.loads((start / "metrics.json").read_text())
+    assert set(alone) == {"bm25", "bm25-stem", "start (adapter off)"}
+    assert alone["start (adapter off)"][name] == pytest.approx(got["start (adapter off)"][name])
 
 
 def test_doc_vectors_file_reads_back_what_was_saved_and_refuses_other_models(tmp_path):
