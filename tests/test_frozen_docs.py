@@ -239,3 +239,31 @@ def info_fingerprint(folder):
     from csplade.model.frozen_docs import fingerprint
 
     return fingerprint(SparseEncoder.from_pretrained(folder))
+
+
+def test_lexical_ceiling_reads_a_frozen_docs_runs_documents_from_its_start_and_the_file(
+    trained, adi, tmp_path, capsys
+):
+    """eval/lexical_ceiling.py: a frozen_docs run's documents are its start's (the same rows for
+    both), and the same whether they are encoded or read from the shared file."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "lexical_ceiling.py"
+    spec = importlib.util.spec_from_file_location("lexical_ceiling", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def table(model, *extra):
+        common = ["--model", str(model), "--datasets", str(adi), "--doc-max-length", "16"]
+        assert script.main([*common, "--analyzer", "tokens", *extra]) == 0  # a tiny vocabulary
+        rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+        return {row[0].strip("| "): float(row[1].split()[0]) for row in rows}
+
+    base = table(trained["base"])
+    filed = table(trained["out"], "--doc-vectors", str(tmp_path / "docs.safetensors"))
+    again = table(trained["out"], "--doc-vectors", str(tmp_path / "docs.safetensors"))
+    assert (tmp_path / "docs.safetensors").exists()
+    assert base == filed == again  # documents of the trained model are its base's
+    assert set(base) == {"bm25", "bm25-stem", "targets", "target queries x model documents"}
+    assert base["targets"] > 0 and base["bm25"] > 0
