@@ -31,20 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _rows(encoder, data, k: int, batch_size: int) -> dict[str, dict[str, float]]:
-    from csplade.evaluation.beir_eval import BASELINES
-    from csplade.evaluation.metrics import evaluate_run, sparsity_stats
+    from csplade.evaluation.beir_eval import baseline_rows, ranking_metrics
+    from csplade.evaluation.metrics import sparsity_stats
     from csplade.index import InvertedIndex
-    from csplade.index.bm25 import bm25_search
     from csplade.model.frozen_docs import adapter_off
 
-    out = {}
-    for name, stemmer in BASELINES.items():
-        run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=k, stemmer=stemmer)
-        out[name] = dict(evaluate_run(data.qrels, run, ["ndcg_cut_10", "recall_100"]).mean)
+    out = baseline_rows(data, k)
     docs = encoder.encode_docs(data.doc_texts, batch_size=batch_size)  # adapter off: frozen_docs
     index = InvertedIndex.build(docs, data.doc_ids)
-    query_ids = list(data.queries)
-    texts = [data.queries[q] for q in query_ids]
+    texts = [data.queries[q] for q in data.queries]
     with adapter_off(encoder.backbone):
         start = encoder.encode_queries(texts, batch_size=batch_size, show_progress=False)
     systems = [("start (adapter off)", start)]
@@ -52,26 +47,17 @@ def _rows(encoder, data, k: int, batch_size: int) -> dict[str, dict[str, float]]
         trained = encoder.encode_queries(texts, batch_size=batch_size, show_progress=False)
         systems.append(("trained", trained))
     for name, q_reps in systems:
-        ranked = index.search_ids(q_reps, query_ids, k=min(k, len(data.doc_ids)))
-        run = {q: dict(pairs) for q, pairs in ranked.items()}
-        row = dict(evaluate_run(data.qrels, run, ["ndcg_cut_10", "recall_100"]).mean)
-        out[name] = {**row, **sparsity_stats(q_reps, docs)}
+        out[name] = {**ranking_metrics(data, index, q_reps, k), **sparsity_stats(q_reps, docs)}
     return out
 
 
 def _table(metrics: dict) -> str:
-    datasets = list(next(iter(metrics.values())))
-    systems = list(metrics)
-    lines = ["| system | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
-    for system in systems:
-        cells = []
-        for d in datasets:
-            value = metrics[system][d]["ndcg_cut_10"]
-            ratio = value / metrics["bm25"][d]["ndcg_cut_10"]
-            cells.append(f"{value:.3f} ({ratio:.2f}x)")
-        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    from csplade.evaluation.report import ratio_table
+
+    datasets = list(metrics["bm25"])
+    lines = ratio_table(metrics)
     lines += ["", "R@100, query nnz / doc nnz:", ""]
-    for system in systems:
+    for system in metrics:
         parts = []
         for d in datasets:
             row = metrics[system][d]

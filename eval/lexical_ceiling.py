@@ -28,28 +28,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _targets(encoder, texts, kind, weights, analyzer):
-    import scipy.sparse as sp
-
-    from csplade.data.lexical_targets import visible_texts
-    from csplade.model import lexical
-
-    rows = lexical.analyzed_rows(encoder.tokenizer, visible_texts(encoder, texts, kind), analyzer)
-    terms = [lexical.target_terms(r, weights, kind, 10**9) for r in rows]
-    return sp.csr_matrix(lexical.target_matrix(terms, encoder.vocab_size).numpy())
-
-
-def _ndcg(data, queries, docs, k: int = 1000) -> float:
-    from csplade.evaluation.metrics import evaluate_run
-    from csplade.index import InvertedIndex
-
-    query_ids = list(data.queries)
-    index = InvertedIndex.build(docs, data.doc_ids)
-    ranked = index.search_ids(queries, query_ids, k=min(k, len(data.doc_ids)))
-    run = {q: dict(pairs) for q, pairs in ranked.items()}
-    return evaluate_run(data.qrels, run, ["ndcg_cut_10"]).mean["ndcg_cut_10"]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -63,12 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("CSPLADE_DATA", str(REPO.parent / "shared" / "data"))
     from csplade.data.beir import find_dataset, load_beir
-    from csplade.data.lexical_targets import fit_statistics
-    from csplade.evaluation.beir_eval import BASELINES
-    from csplade.evaluation.metrics import evaluate_run
-    from csplade.index.bm25 import bm25_search
+    from csplade.data.lexical_targets import LexicalTargets, fit_statistics
+    from csplade.evaluation.beir_eval import baseline_rows, ranking_metrics
+    from csplade.evaluation.report import ratio_table
+    from csplade.index import InvertedIndex
     from csplade.model import SparseEncoder
     from csplade.model.frozen_docs import DocVectors
+    from csplade.model.lexical import target_csr
 
     encoder = SparseEncoder.from_pretrained(
         args.model, dtype=args.dtype, doc_max_length=args.doc_max_length
@@ -77,31 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.doc_vectors:
         encoder.doc_vectors = DocVectors.for_encoder(encoder, args.doc_vectors)
     names = ["bm25", "bm25-stem", "targets", "target queries x model documents"]
-    table = {name: {} for name in names}
+    table: dict[str, dict] = {name: {} for name in names}
     for dataset in args.datasets:
         data = load_beir(find_dataset(dataset), split="test")
-        for name, stemmer in BASELINES.items():
-            run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=1000, stemmer=stemmer)
-            table[name][data.name] = evaluate_run(data.qrels, run, ["ndcg_cut_10"]).mean[
-                "ndcg_cut_10"
-            ]
+        for name, row in baseline_rows(data, metrics=("ndcg_cut_10",)).items():
+            table[name][data.name] = row
         weights = fit_statistics(encoder, data.doc_texts, args.analyzer)
-        texts = [data.queries[q] for q in data.queries]
-        queries = _targets(encoder, texts, "query", weights, args.analyzer)
-        target_docs = _targets(encoder, data.doc_texts, "doc", weights, args.analyzer)
+        targets = LexicalTargets(encoder, weights, analyzer=args.analyzer)
+        queries = target_csr(
+            targets.terms(list(data.queries.values()), "query"), encoder.vocab_size
+        )
+        target_docs = target_csr(targets.terms(data.doc_texts, "doc"), encoder.vocab_size)
         model_docs = encoder.encode_docs(data.doc_texts)
-        table["targets"][data.name] = _ndcg(data, queries, target_docs)
-        table["target queries x model documents"][data.name] = _ndcg(data, queries, model_docs)
+        for name, docs in [("targets", target_docs), (names[3], model_docs)]:
+            index = InvertedIndex.build(docs, data.doc_ids)
+            table[name][data.name] = ranking_metrics(data, index, queries, metrics=("ndcg_cut_10",))
         if args.doc_vectors:
             encoder.doc_vectors.save(args.doc_vectors)
-    datasets = list(table["bm25"])
-    lines = ["| system | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
-    for name in names:
-        cells = [
-            f"{table[name][d]:.3f} ({table[name][d] / table['bm25'][d]:.2f}x)" for d in datasets
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
+    print("\n".join(ratio_table(table)))
     return 0
 
 

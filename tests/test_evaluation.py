@@ -401,3 +401,52 @@ def test_chart_title_fits_and_the_legend_is_beside_the_bars():
     legend = ax.get_legend().get_window_extent(renderer)
     assert legend.x0 >= ax.get_window_extent(renderer).x1  # beside the plot, over no bar
     assert inside(legend)
+
+
+def test_baseline_rows_and_ranking_metrics_equal_pytrec_eval_on_their_runs():
+    """baseline_rows: both BM25 baselines; ranking_metrics: an index searched, scored as pytrec_eval
+    scores the same run (here BM25's own vectors cannot be had, so: a query's one-hot words)."""
+    from csplade.evaluation.beir_eval import BASELINES, baseline_rows, ranking_metrics
+    from csplade.index import InvertedIndex
+
+    data = load_beir(_real("adi"))
+    rows = baseline_rows(data, k=100)
+    assert set(rows) == set(BASELINES)
+    for name, stemmer in BASELINES.items():
+        run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=100, stemmer=stemmer)
+        per_query = pytrec_eval.RelevanceEvaluator(data.qrels, {"ndcg_cut.10"}).evaluate(run)
+        mean = float(np.mean([v["ndcg_cut_10"] for v in per_query.values()]))
+        assert rows[name]["ndcg_cut_10"] == pytest.approx(mean, abs=1e-9)
+    vocab = {w: i for i, w in enumerate(sorted({w for t in data.doc_texts for w in t.split()}))}
+
+    def one_hot(texts):
+        out = sp.lil_matrix((len(texts), len(vocab)), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for w in text.split():
+                if w in vocab:
+                    out[i, vocab[w]] = 1.0
+        return out.tocsr()
+
+    docs, queries = one_hot(data.doc_texts), one_hot(list(data.queries.values()))
+    got = ranking_metrics(data, InvertedIndex.build(docs, data.doc_ids), queries)  # every doc
+    scores = (queries @ docs.T).toarray()
+    run = {}
+    for row, qid in enumerate(data.queries):
+        run[qid] = {d: float(s) for d, s in zip(data.doc_ids, scores[row], strict=True) if s > 0}
+    want = evaluate_run(data.qrels, run, ["ndcg_cut_10", "recall_100"]).mean
+    assert got["ndcg_cut_10"] == pytest.approx(want["ndcg_cut_10"], abs=1e-6)
+    assert got["recall_100"] == pytest.approx(want["recall_100"], abs=1e-6)
+    assert got["ndcg_cut_10"] > 0
+
+
+def test_ratio_table_by_hand():
+    from csplade.evaluation.report import ratio_table
+
+    table = {
+        "bm25": {"a": {"ndcg_cut_10": 0.5}, "b": {"ndcg_cut_10": 0.25}},
+        "model": {"a": {"ndcg_cut_10": 0.6}, "b": {"ndcg_cut_10": 0.2}},
+    }
+    lines = ratio_table(table)
+    assert lines[0] == "| system | a | b |" and lines[1] == "|---|---|---|"
+    assert lines[2] == "| bm25 | 0.500 (1.00x) | 0.250 (1.00x) |"
+    assert lines[3] == "| model | 0.600 (1.20x) | 0.200 (0.80x) |"

@@ -69,6 +69,21 @@ def test_targets_hold_only_what_the_model_sees():
     assert set(target[0].nonzero().flatten().tolist()) == set(seen)
 
 
+def test_whole_collection_targets_equal_the_training_batches_targets():
+    """LexicalTargets.terms as a CSR (eval/lexical_ceiling.py) holds what batch() trains on."""
+    encoder = make_encoder("bi")
+    encoder.config.doc_max_length = 6
+    weights = fit_statistics(encoder, HELD_OUT, "tokens")
+    targets = LexicalTargets(encoder, weights, analyzer="tokens", scale=0.5)
+    texts = ["aa ab ac ad ae af ag ah", "ab ab ac", ""]
+    for kind in ("doc", "query"):
+        _, dense = targets.batch(texts, kind)
+        csr = lexical.target_csr(targets.terms(texts, kind), encoder.vocab_size)
+        assert csr.shape == tuple(dense.shape) and csr.dtype == np.float32
+        np.testing.assert_array_equal(csr.toarray(), dense.numpy())
+    assert lexical.target_csr([], 7).shape == (0, 7)
+
+
 def test_loss_by_hand_and_the_pull_reaches_terms_that_are_off():
     logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]], requires_grad=True)
     target = torch.tensor([[1.0, 0.8, 0.0, 0.0]])

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -78,14 +79,18 @@ class LexicalTargets:
             "avgdl": round(self.weights.avgdl(doc_max_length), 2),
         }
 
+    def terms(self, texts: Sequence[str], kind: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each text's target as `kind`: (distinct ids, weights) of what the model sees of it."""
+        visible = visible_texts(self.encoder, texts, kind)
+        rows = lexical.analyzed_rows(self.encoder.tokenizer, visible, self.analyzer)
+        limit = max_length(self.encoder.config, kind)
+        return [lexical.target_terms(r, self.weights, kind, limit, self.scale) for r in rows]
+
     def batch(self, texts: Sequence[str], kind: str) -> tuple[dict[str, Tensor], Tensor]:
         """The encoder's tokenized batch of `texts` as `kind` and its targets (B, V) float32."""
         encoded = self.encoder.tokenize(list(texts), kind=kind)
         encoded.pop("n_truncated", None)
-        visible = visible_texts(self.encoder, texts, kind)
-        rows = lexical.analyzed_rows(self.encoder.tokenizer, visible, self.analyzer)
-        limit = max_length(self.encoder.config, kind)
-        terms = [lexical.target_terms(r, self.weights, kind, limit, self.scale) for r in rows]
+        terms = self.terms(texts, kind)
         return encoded, lexical.target_matrix(terms, self.encoder.vocab_size)
 
     def __call__(self, docs: Sequence[str], queries: Sequence[str]) -> dict[str, Any]:

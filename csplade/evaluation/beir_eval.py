@@ -333,6 +333,31 @@ def _check_systems(systems: list[SystemSpec], datasets: list[str]) -> None:
             )
 
 
+def baseline_rows(
+    data: BeirData, k: int = 1000, metrics: tuple[str, ...] = ("ndcg_cut_10", "recall_100")
+) -> dict[str, dict[str, float]]:
+    """{baseline: mean metrics} of each of :data:`BASELINES` on `data` (nothing written)."""
+    out = {}
+    for name, stemmer in BASELINES.items():
+        run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=k, stemmer=stemmer)
+        out[name] = dict(evaluate_run(data.qrels, run, list(metrics)).mean)
+    return out
+
+
+def ranking_metrics(
+    data: BeirData,
+    index: InvertedIndex,
+    q_reps: Any,
+    k: int = 1000,
+    metrics: tuple[str, ...] = ("ndcg_cut_10", "recall_100"),
+) -> dict[str, float]:
+    """Mean metrics of `q_reps` (rows in ``data.queries`` order) searched in `index`."""
+    query_ids = list(data.queries)
+    ranked = index.search_ids(q_reps, query_ids, k=min(k, len(data.doc_ids)))
+    run = {q: dict(pairs) for q, pairs in ranked.items()}
+    return dict(evaluate_run(data.qrels, run, list(metrics)).mean)
+
+
 def _evaluate_bm25(data: BeirData, out: Path, k: int, name: str = "bm25") -> dict[str, float]:
     run = bm25_search(data.doc_ids, data.doc_texts, data.queries, k=k, stemmer=BASELINES[name])
     write_trec_run(out / data.name / f"{name}.trec", _ranked(run), tag=name)

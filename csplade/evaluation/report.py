@@ -151,6 +151,24 @@ def _markdown_table(
     return "\n".join(lines) + "\n"
 
 
+def ratio_table(
+    table: Mapping[str, Mapping[str, Mapping[str, float]]],
+    metric: str = "ndcg_cut_10",
+    reference: str = "bm25",
+) -> list[str]:
+    """Markdown lines: one row per system of ``table[system][dataset][metric]``, each cell the value
+    and its ratio to the `reference` system's on the same data set."""
+    datasets = list(table[reference])
+    lines = ["| system | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
+    for system, rows in table.items():
+        cells = []
+        for d in datasets:
+            value = rows[d][metric]
+            cells.append(f"{value:.3f} ({value / table[reference][d][metric]:.2f}x)")
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def agg_figure(figsize: tuple[float, float]) -> Any:
     """A matplotlib Figure on an Agg canvas, leaving pyplot's global backend alone."""
     try:

@@ -220,6 +220,17 @@ def target_matrix(terms: Sequence[tuple[np.ndarray, np.ndarray]], vocab: int) ->
     return out
 
 
+def target_csr(terms: Sequence[tuple[np.ndarray, np.ndarray]], vocab: int):
+    """:func:`target_matrix` as a scipy CSR (B, V) float32, for whole collections."""
+    import scipy.sparse as sp
+
+    lengths = np.array([len(ids) for ids, _ in terms], dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.concatenate([ids for ids, _ in terms]) if terms else np.zeros(0, np.int64)
+    values = np.concatenate([v for _, v in terms]) if terms else np.zeros(0, np.float32)
+    return sp.csr_matrix((values.astype(np.float32), ids, indptr), shape=(len(terms), vocab))
+
+
 def residual(input_ids: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
     """(B, V) float32: the `position` (B, L) weights summed per vocabulary id."""
     out = torch.zeros((input_ids.shape[0], vocab), dtype=torch.float32, device=input_ids.device)
