@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     encoder.config = replace(encoder.config, frozen_docs=True)  # documents with any adapter off
     if args.doc_vectors:
         encoder.doc_vectors = DocVectors.for_encoder(encoder, args.doc_vectors)
-    names = ["bm25", "bm25-stem", "targets", "target queries x model documents"]
+    mixed = "target queries x model documents"
+    names = ["bm25", "bm25-stem", "targets", mixed]
     table: dict[str, dict] = {name: {} for name in names}
     for dataset in args.datasets:
         data = load_beir(find_dataset(dataset), split="test")
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         target_docs = target_csr(targets.terms(data.doc_texts, "doc"), encoder.vocab_size)
         model_docs = encoder.encode_docs(data.doc_texts)
-        for name, docs in [("targets", target_docs), (names[3], model_docs)]:
+        for name, docs in [("targets", target_docs), (mixed, model_docs)]:
             index = InvertedIndex.build(docs, data.doc_ids)
             table[name][data.name] = ranking_metrics(data, index, queries, metrics=("ndcg_cut_10",))
         if args.doc_vectors:

@@ -43,8 +43,8 @@ from typing import Any
 
 from csplade._logging import muted
 from csplade.data.beir import BeirData, find_dataset, load_beir
-from csplade.evaluation.beir_eval import slice_data
-from csplade.evaluation.metrics import evaluate_run, sparsity_stats
+from csplade.evaluation.beir_eval import ranking_metrics, slice_data
+from csplade.evaluation.metrics import sparsity_stats
 from csplade.index import InvertedIndex
 from csplade.model.encoder import SparseEncoder
 from csplade.training.arguments import EvalSet
@@ -167,10 +167,8 @@ class RetrievalEvaluator:
                 show_progress=False,
             )  # (Q, V)
             index = InvertedIndex.build(docs, data.doc_ids)
-            ranked = index.search_ids(queries, query_ids, k=min(RUN_DEPTH, len(data.doc_ids)))
-        run = {q: dict(pairs) for q, pairs in ranked.items()}
-        result = evaluate_run(data.qrels, run, tuple(METRICS))
-        values = {METRICS[k]: float(v) for k, v in result.mean.items()}
+            result = ranking_metrics(data, index, queries, k=RUN_DEPTH, metrics=tuple(METRICS))
+        values = {METRICS[k]: float(v) for k, v in result.items()}
         nnz = sparsity_stats(queries, docs)
         values.update({k: nnz[k] for k in NNZ})
         return {f"{prefix}_{k}": v for k, v in values.items()}
