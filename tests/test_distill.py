@@ -10,8 +10,9 @@ import pytest
 import torch
 from synthetic import save_base, write_groups
 
+from csplade.data import teachers
 from csplade.data.ensemble import ensemble, normalize_scores
-from csplade.data.teachers import score_groups
+from csplade.data.teachers import Teacher, score_groups
 from csplade.model.encoder import SparseEncoder
 from csplade.training.contrastive import run_training
 from csplade.training.recipe import parse_recipe
@@ -61,6 +62,68 @@ def test_teacher_scores_with_a_sparse_teacher_match_its_dot_products(tmp_path):
         # the combined score is the normalised raw score (one teacher, weight 1)
         expected = normalize_scores(np.asarray(raw["positives"] + raw["negatives"]), "zscore")
         np.testing.assert_allclose(combined, expected, rtol=1e-6, atol=1e-7)
+
+
+class _CountingDense:
+    """A dense teacher's surface (sentence-transformers' encode / similarity_pairwise) that counts
+    the texts it encodes."""
+
+    def __init__(self) -> None:
+        self.encoded: list[str] = []
+
+    def encode(self, texts, **kwargs):
+        self.encoded += list(texts)
+        return np.array([[len(t), t.count("a"), 1.0] for t in texts], dtype=np.float32)
+
+    def similarity_pairwise(self, a, b):
+        return (a * b).sum(axis=1)
+
+
+def test_a_bi_encoder_teacher_encodes_each_distinct_text_once(tmp_path, monkeypatch):
+    # 150 groups over 10 queries and 8 documents (750 pairs, more than a block of the pairs once
+    # scored): every distinct text is encoded once, and every pair's score is the one scored alone
+    monkeypatch.setattr(teachers, "_PAIR_BLOCK", 64)
+    docs = [f"doc {i} " + "a" * (i + 1) for i in range(8)]
+    groups = tmp_path / "groups.jsonl"
+    with groups.open("w") as fh:
+        for g in range(150):
+            items = [docs[(g + k) % 8] for k in range(5)]
+            row = {"query": f"query {g % 10}", "positives": items[:1], "negatives": items[1:]}
+            fh.write(json.dumps(row) + "\n")
+    dense = _CountingDense()
+    monkeypatch.setattr(
+        teachers, "load_teacher", lambda name, device=None: Teacher(name, "dense", dense)
+    )
+    out = tmp_path / "scored.jsonl"
+    score_groups(groups, ["dense"], out, normalization="none")
+    assert sorted(dense.encoded) == sorted({f"query {i}" for i in range(10)} | set(docs))
+    for row in map(json.loads, out.read_text().splitlines()):
+        raw = row["teacher_scores"]["dense"]
+        for doc, got in zip(
+            row["positives"] + row["negatives"], raw["positives"] + raw["negatives"], strict=True
+        ):
+            want = dense.similarity_pairwise(dense.encode([row["query"]]), dense.encode([doc]))[0]
+            assert got == pytest.approx(want)
+
+    queries = ["a b", "c d", "a b", "e a", "c d", "a b", "e a"]
+    docs = ["x a", "x a", "z", "z a a", "w", "x a", "w"]
+    model = SparseEncoder.from_pretrained(save_base(tmp_path / "base"))
+    encoded: list[str] = []
+    encode_docs = model.encode_docs
+
+    def counting(texts, **kwargs):
+        encoded.extend(texts)
+        return encode_docs(texts, **kwargs)
+
+    monkeypatch.setattr(model, "encode_docs", counting)
+    got = Teacher("sparse", "sparse", model).score(queries, docs)
+    assert sorted(encoded) == sorted(set(docs))
+    for i, (q, d) in enumerate(zip(queries, docs, strict=True)):
+        q_vec = model.encode_queries([q], show_progress=False)
+        d_vec = encode_docs([d], show_progress=False)
+        assert got[i] == pytest.approx(float(q_vec.multiply(d_vec).sum()), rel=1e-5)
+    with pytest.raises(ValueError, match="2 queries for 1 documents"):
+        Teacher("sparse", "sparse", model).score(["a", "b"], ["x"])
 
 
 @pytest.mark.slow

@@ -51,33 +51,66 @@ class Teacher:
     model: Any
 
     def score(self, queries: list[str], docs: list[str], batch_size: int = 32) -> np.ndarray:
+        """The teacher's score of each aligned (query, doc) pair.
+
+        A bi-encoder (sparse, dense) encodes each distinct text once, however many pairs it is in
+        (a document shared by many queries' groups, a query with many positives), then scores the
+        pairs from the vectors in blocks; a cross-encoder reads every pair.
+        """
+        if len(queries) != len(docs):
+            raise ValueError(f"{len(queries)} queries for {len(docs)} documents")
         if self.kind == "cross":
-            return np.asarray(
-                self.model.predict(
-                    list(zip(queries, docs, strict=True)),
-                    batch_size=batch_size,
-                    show_progress_bar=False,
-                ),
-                dtype=np.float64,
-            ).reshape(-1)
-        uniq_q = list(dict.fromkeys(queries))
-        uniq_d = list(dict.fromkeys(docs))
+            pairs = list(zip(queries, docs, strict=True))
+            step = max(batch_size * 16, 256)
+            parts = [
+                np.asarray(
+                    self.model.predict(
+                        pairs[start : start + step], batch_size=batch_size, show_progress_bar=False
+                    ),
+                    dtype=np.float64,
+                ).reshape(-1)
+                for start in progress(
+                    range(0, len(pairs), step), desc=f"scoring with {self.name}", unit="block"
+                )
+            ]
+            return np.concatenate(parts) if parts else np.empty(0)
+        uniq_q, qi = _distinct(queries)
+        uniq_d, di = _distinct(docs)
+        logger.info(
+            "%s: %d pairs, %d distinct queries, %d distinct documents",
+            self.name, len(queries), len(uniq_q), len(uniq_d),
+        )  # fmt: skip
         if self.kind == "sparse":
-            q = self.model.encode_queries(uniq_q, batch_size=batch_size, show_progress=False)
-            d = self.model.encode_docs(uniq_d, batch_size=batch_size, show_progress=False)
-            q_pos = {t: i for i, t in enumerate(uniq_q)}
-            d_pos = {t: i for i, t in enumerate(uniq_d)}
-            qi = np.array([q_pos[x] for x in queries])
-            di = np.array([d_pos[x] for x in docs])
-            return np.asarray(q[qi].multiply(d[di]).sum(axis=1), dtype=np.float64).reshape(-1)
-        q = self.model.encode(uniq_q, batch_size=batch_size, convert_to_numpy=True)
-        d = self.model.encode(uniq_d, batch_size=batch_size, convert_to_numpy=True)
-        q_pos = {t: i for i, t in enumerate(uniq_q)}
-        d_pos = {t: i for i, t in enumerate(uniq_d)}
-        qv = q[[q_pos[x] for x in queries]]
-        dv = d[[d_pos[x] for x in docs]]
-        sim = self.model.similarity_pairwise(qv, dv)
-        return np.asarray(sim, dtype=np.float64).reshape(-1)
+            q = self.model.encode_queries(uniq_q, batch_size=batch_size)
+            d = self.model.encode_docs(uniq_d, batch_size=batch_size)
+        else:
+            q = self.model.encode(
+                uniq_q, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=True
+            )
+            d = self.model.encode(
+                uniq_d, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=True
+            )
+        out = np.empty(len(queries))
+        for start in range(0, len(queries), _PAIR_BLOCK):  # bounded memory for the gathered rows
+            rows = slice(start, start + _PAIR_BLOCK)
+            if self.kind == "sparse":
+                sim = q[qi[rows]].multiply(d[di[rows]]).sum(axis=1)
+            else:
+                sim = self.model.similarity_pairwise(q[qi[rows]], d[di[rows]])
+            out[rows] = np.asarray(sim, dtype=np.float64).reshape(-1)
+        return out
+
+
+_PAIR_BLOCK = 16_384
+
+
+def _distinct(texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct texts in first-seen order, and each input's index into them."""
+    position: dict[str, int] = {}
+    index = np.fromiter(
+        (position.setdefault(t, len(position)) for t in texts), dtype=np.int64, count=len(texts)
+    )
+    return list(position), index
 
 
 def load_teacher(name_or_path: str, device: str | None = None) -> Teacher:
@@ -122,14 +155,7 @@ def _score_items(teacher: Any, table: Any, batch_size: int) -> list[np.ndarray]:
         queries += [q] * len(items)
         docs += items
         sizes.append(len(items))
-    flat = np.empty(len(docs))
-    step = max(batch_size * 16, 256)
-    for start in progress(
-        range(0, len(docs), step), desc=f"scoring with {teacher.name}", unit="block"
-    ):
-        flat[start : start + step] = teacher.score(
-            queries[start : start + step], docs[start : start + step], batch_size
-        )
+    flat = teacher.score(queries, docs, batch_size)
     return np.split(flat, np.cumsum(sizes)[:-1])
 
 
