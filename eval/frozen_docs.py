@@ -11,6 +11,8 @@ beside BM25 and stemmed BM25 from the same run. `csplade eval` would encode ever
 
 With ``--doc-vectors FILE`` the documents' vectors are kept in FILE: a later run of a model trained from
 the same start (or a training run with ``frozen_docs_file: FILE``) encodes only what FILE lacks.
+``--doc-windows N`` reads each document whole, up to N windows of ``--doc-max-length`` tokens; FILE
+keeps a vector per window, so the first windows of a file written without windows are reused.
 ``--model`` may also be that start itself (a folder that is not an adapter, e.g. the lexical
 adaptation): its own vectors are the step-0 row, and FILE is filled before any training run.
 
@@ -78,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         "--datasets", nargs="+", default=["scifact", "nfcorpus", "cranfield", "adi"]
     )
     parser.add_argument("--doc-max-length", type=int, default=256)
+    parser.add_argument(
+        "--doc-windows",
+        type=int,
+        default=1,
+        help="read a longer document in up to this many windows of --doc-max-length tokens, "
+        "max-pooled (doc_windows); 1: cut it",
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--k", type=int, default=1000)
@@ -94,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     from csplade.model import SparseEncoder
 
     encoder = SparseEncoder.from_pretrained(
-        args.model, dtype=args.dtype, doc_max_length=args.doc_max_length
+        args.model,
+        dtype=args.dtype,
+        doc_max_length=args.doc_max_length,
+        doc_windows=args.doc_windows,
     )
     if encoder.is_adapter and not encoder.config.frozen_docs:
         parser.error(f"{args.model} is an adapter without frozen_docs: use csplade eval")

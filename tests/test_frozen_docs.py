@@ -4,6 +4,7 @@ started from, computed once per document."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,6 +71,24 @@ def test_doc_vectors_equal_the_encoding_they_replace():
     assert (cache.misses, cache.hits) == (6, 6)
     torch.testing.assert_close(first, plain)
     torch.testing.assert_close(again, plain)
+
+
+def test_a_document_read_in_windows_keeps_a_vector_per_window():
+    # the first window of a long document is the document cut at doc_max_length: a file written
+    # without windows serves it, and only the later windows are encoded
+    base = SparseEncoder.from_pretrained(save_base_tmp(), doc_max_length=4)
+    base.config = replace(base.config, frozen_docs=True)
+    texts = ["aa ab ac ad ae af ag", "ba bb", "ca cb cc cd ce cf cg ch ci"]
+    base.doc_vectors = DocVectors()
+    cut = base.encode_docs(texts, show_progress=False).toarray()
+    assert (base.doc_vectors.misses, len(base.doc_vectors)) == (3, 3)
+    base.config = replace(base.config, doc_windows=3)
+    whole = base.encode_docs(texts, show_progress=False).toarray()
+    assert (base.doc_vectors.hits, len(base.doc_vectors)) == (3, 3 + 1 + 2)
+    again = base.encode_docs(texts, show_progress=False).toarray()
+    assert base.doc_vectors.misses == 6 and base.doc_vectors.hits == 3 + 6
+    assert (whole >= cut - 1e-6).all() and (whole[0] > cut[0] + 1e-4).any()
+    assert (whole == again).all()
 
 
 def save_base_tmp():

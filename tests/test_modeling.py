@@ -13,6 +13,7 @@ from tiny import CAUSAL_ARCHS, random_texts, tiny_model, tiny_tokenizer
 
 from csplade.model import SparseEncoder, SparseEncoderConfig
 from csplade.model.head import naive_max_pool
+from csplade.model.head.pruning import prune
 
 TEXTS = ["aa ab ac ad", "ba bb", "ca cb cc cd ce cf cg ch", "", "da"]
 
@@ -140,6 +141,71 @@ def test_truncation_is_counted_and_logged_once(tiny_encoder_factory, caplog):
     assert lines == ["2 of 3 docs were longer than 4 tokens and truncated"]
     batch = enc.tokenize(texts, kind="doc")
     assert batch["input_ids"].shape[1] == 4 and int(batch["n_truncated"]) == 2
+
+
+WINDOW_WORDS = "aa ab ac ad ae af ag ah ai aj ak".split()
+WINDOW_TEXTS = [" ".join(WINDOW_WORDS[:n]) for n in (11, 1, 4, 5, 8, 0, 9)]
+
+
+def _windows_alone(plain, text: str, size: int, most: int, reduce) -> np.ndarray:
+    """A text's windows of `size` words (the tiny tokenizer: a word is a token), at most `most`,
+    each encoded as a whole document by `plain`, pooled by `reduce`."""
+    words = text.split()
+    parts = [" ".join(words[s : s + size]) for s in range(0, len(words), size)][:most] or [text]
+    return reduce(dense(plain.encode_docs(parts, show_progress=False)), axis=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "bert"])
+@pytest.mark.parametrize("variant", ["uni", "echo", "bi"])
+def test_a_document_in_windows_pools_its_windows_encoded_alone(tiny_encoder_factory, arch, variant):
+    """doc_windows: each window is encoded as the document of its tokens alone (with the prefix and
+    specials a document gets) and the windows are max-pooled; a text within one window keeps its
+    vector; windows past doc_windows are cut and counted."""
+    if arch == "bert" and variant == "bi":
+        pytest.skip("bi is for causal backbones")
+    settings = {"variant": variant, "doc_max_length": 4, "doc_prefix": "aa"}
+    plain = tiny_encoder_factory(arch, **settings)
+    windowed = tiny_encoder_factory(arch, doc_windows=2, **settings)
+    got = dense(windowed.encode_docs(WINDOW_TEXTS, batch_size=3, show_progress=False))
+    for i, text in enumerate(WINDOW_TEXTS):
+        want = _windows_alone(plain, text, 4, 2, np.max)
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6, err_msg=text)
+    within = [i for i, t in enumerate(WINDOW_TEXTS) if len(t.split()) <= 4]
+    cut = dense(plain.encode_docs(WINDOW_TEXTS, show_progress=False))
+    np.testing.assert_allclose(got[within], cut[within], rtol=1e-5, atol=1e-6)
+    assert (got[0] > cut[0] + 1e-4).any()  # the second window adds to the first one's vector
+
+
+def test_windows_pool_as_tokens_do_and_prune_after_pooling(tiny_encoder_factory, caplog):
+    summed = tiny_encoder_factory("llama", doc_max_length=4, doc_windows=3, pooling="sum")
+    plain = tiny_encoder_factory("llama", doc_max_length=4, pooling="sum")
+    got = dense(summed.encode_docs(WINDOW_TEXTS, show_progress=False))
+    for i, text in enumerate(WINDOW_TEXTS):
+        want = _windows_alone(plain, text, 4, 3, np.sum)
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5, err_msg=text)
+
+    windowed = tiny_encoder_factory("llama", doc_max_length=4, doc_windows=2)
+    with caplog.at_level(logging.INFO, logger="csplade.model.encoder"):
+        full = dense(windowed.encode_docs(WINDOW_TEXTS, show_progress=False))
+    lines = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert lines == ["2 of 7 docs were longer than 8 tokens and truncated"]  # 11 and 9 words
+    top = dense(windowed.encode_docs(WINDOW_TEXTS, top_k=3, show_progress=False))
+    want = dense(sp.csr_matrix(prune(torch.from_numpy(full), 3, None).numpy()))
+    np.testing.assert_allclose(top, want, rtol=1e-6)
+    assert (np.count_nonzero(full, axis=1) > 3).any()  # the cap cut something
+    # queries are never read in windows
+    queries = tiny_encoder_factory("llama", query_max_length=4, doc_windows=2)
+    q = dense(queries.encode_queries(WINDOW_TEXTS, show_progress=False))
+    q_cut = dense(tiny_encoder_factory("llama", query_max_length=4).encode_queries(
+        WINDOW_TEXTS, show_progress=False))  # fmt: skip
+    np.testing.assert_allclose(q, q_cut, rtol=1e-6)
+
+
+def test_doc_windows_settings_are_checked():
+    with pytest.raises(ValueError, match="doc_windows must be a positive integer, got 0"):
+        SparseEncoderConfig(doc_windows=0)
+    with pytest.raises(ValueError, match="doc_windows > 1 and lexical_residual exclude"):
+        SparseEncoderConfig(doc_windows=2, lexical_residual=True)
 
 
 def test_fused_and_naive_heads_give_the_same_vectors(tiny_encoder_factory):
@@ -385,7 +451,7 @@ def test_folder_saved_by_csplade_0_1_loads(tmp_path):
     # settings added since take the value that computes what 0.1 computed
     no_op = {"logit_scale": 1.0, "pool_next_token": False, "lexical_residual": False,
              "lexical_scale": 1.0, "lexical_docs": False, "learned_top_k": None,
-             "lexical_analyzer": "tokens", "frozen_docs": False}  # fmt: skip
+             "lexical_analyzer": "tokens", "frozen_docs": False, "doc_windows": 1}  # fmt: skip
     assert resaved == {**saved, **no_op}
 
 

@@ -75,11 +75,25 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="documents cut at this many tokens (default: each model's own doc_max_length)",
     )
     p.add_argument(
+        "--doc-windows",
+        type=positive,
+        default=None,
+        help="read a document longer than the cut in up to this many windows of it, max-pooled "
+        "(doc_windows; default: each model's own, 1 unless set)",
+    )
+    p.add_argument(
         "--own-vectors",
         action="store_true",
         help="beside each model with a lexical residual, the same model with it off on both sides "
         "(NAME-own: the LLM's own vectors, documents through the model)",
     )
+
+
+def _overrides(args: argparse.Namespace) -> dict | None:
+    """The encoder settings the command line sets for every model (none: each model's own)."""
+    names = ("doc_max_length", "doc_windows")
+    out = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return out or None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -100,9 +114,7 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         dtype=args.dtype,
         lexical_stats=args.lexical_stats,
-        encoder_overrides=(
-            {"doc_max_length": args.doc_max_length} if args.doc_max_length is not None else None
-        ),
+        encoder_overrides=_overrides(args),
     )
     written = evaluate(systems, args.datasets, args.out, options)
     print(written["table"].read_text())

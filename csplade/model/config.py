@@ -56,6 +56,17 @@ class EncoderSettings:
     pooling: str = field(default="max", metadata={"help": "max | sum"})
     query_max_length: int = 64
     doc_max_length: int = 256
+    doc_windows: int = field(
+        default=1,
+        metadata={
+            "help": "encoding: a document longer than doc_max_length tokens is read in up to this "
+            "many consecutive windows of doc_max_length tokens, each encoded as a document of its "
+            "own, their vectors pooled as tokens are (max: SPLADE's max over tokens, across "
+            "windows). Whole long documents at the cost of their tokens, each window no longer "
+            "than the texts the model trained on; 1: cut at doc_max_length. Training reads a "
+            "document's first window"
+        },
+    )
     query_prefix: str = ""
     doc_prefix: str = ""
     doc_only: bool = field(
@@ -168,10 +179,15 @@ class EncoderSettings:
                 f"lexical_analyzer {self.lexical_analyzer!r} needs lexical_residual: it says which "
                 "tokens the residual reads"
             )
-        for name in ("query_max_length", "doc_max_length"):
+        for name in ("query_max_length", "doc_max_length", "doc_windows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.doc_windows > 1 and self.lexical_residual:
+            raise ValueError(
+                "doc_windows > 1 and lexical_residual exclude each other: the residual's tf and "
+                "length are the whole text's"
+            )
 
     def encoder_settings(self) -> dict[str, Any]:
         """The :class:`EncoderSettings` fields of this object, by name."""

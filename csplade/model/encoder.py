@@ -169,17 +169,25 @@ class SparseEncoder(nn.Module):
     def _tokenize_plain(self, text: str) -> list[int]:
         return inputs.plain_ids(self.tokenizer, text)
 
-    def tokenize(self, texts: Sequence[str], kind: str = "doc") -> dict[str, torch.Tensor]:
+    def tokenize(
+        self, texts: Sequence[str], kind: str = "doc", windows: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Token ids, attention mask and pooling mask (all (B, L)) for `texts` as queries or docs.
 
         Also returns ``n_truncated`` (an int tensor): how many texts were cut at the max length; with
         ``lexical_residual`` on, ``lexical`` (B, L): each position's share of the text's lexical
-        residual (:mod:`csplade.model.lexical`).
+        residual (:mod:`csplade.model.lexical`). `windows`: which window of each text a row holds
+        (:func:`csplade.model.inputs.tokenize`).
         """
         lexical_on = self.config.lexical_residual
+        if lexical_on and windows is not None:
+            raise ValueError(
+                "a text read in windows has no lexical residual (its tf is the text's)"
+            )
         batch = inputs.tokenize(
-            self.tokenizer, self._template, self._pad_id, self.config, texts, kind, lexical_on
-        )
+            self.tokenizer, self._template, self._pad_id, self.config, texts, kind, lexical_on,
+            windows,
+        )  # fmt: skip
         if lexical_on:
             text_mask = batch.pop("text_mask")
             if self.lexical is not None:  # without them the forward fails (calibration needs none)
@@ -427,7 +435,9 @@ class SparseEncoder(nn.Module):
         """Encode texts into a float32 CSR matrix (n, V), rows in input order.
 
         Texts are batched longest first (less padding; an out-of-memory shows up in the first batch).
-        `top_k` keeps the k largest weights per row; `threshold` zeroes weights below it.
+        `top_k` keeps the k largest weights per row; `threshold` zeroes weights below it. With
+        ``doc_windows`` > 1 a document longer than ``doc_max_length`` tokens is read in up to that
+        many windows, pooled into one vector before `top_k` and `threshold`.
         """
         texts = inputs.check_texts(texts)
         vocab = self.vocab_size
@@ -452,12 +462,13 @@ class SparseEncoder(nn.Module):
             bar.close()
             self.train(was_training)
         if n_truncated:
+            windows = self.config.doc_windows if kind == "doc" else 1
             logger.info(
                 "%d of %d %s were longer than %d tokens and truncated",
                 n_truncated,
                 len(texts),
                 _PLURAL[kind],
-                inputs.max_length(self.config, kind),
+                inputs.max_length(self.config, kind) * windows,
             )
         stacked = sp.vstack(blocks, format="csr")
         inverse = np.empty(len(order), dtype=np.int64)
@@ -473,14 +484,43 @@ class SparseEncoder(nn.Module):
         device = self.device
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = self.tokenize([texts[i] for i in idx], kind=kind)
-            n_truncated += int(batch.pop("n_truncated"))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            q_reps, d_reps = self(**{kind: batch})  # (b, V) float32, one of them
-            reps = q_reps if kind == "query" else d_reps
+            if kind == "doc" and self.config.doc_windows > 1:
+                reps, cut = self._encode_windows([texts[i] for i in idx], batch_size)
+                n_truncated += cut
+            else:
+                batch = self.tokenize([texts[i] for i in idx], kind=kind)
+                n_truncated += int(batch.pop("n_truncated"))
+                batch = {k: v.to(device) for k, v in batch.items()}
+                q_reps, d_reps = self(**{kind: batch})  # (b, V) float32, one of them
+                reps = q_reps if kind == "query" else d_reps
             blocks.append(to_csr(prune(reps, top_k, threshold)))
             bar.update(len(idx))
         return blocks, n_truncated
+
+    def _encode_windows(self, texts: list[str], batch_size: int) -> tuple[torch.Tensor, int]:
+        """(b, V) document vectors of `texts`, each read in up to ``doc_windows`` consecutive windows
+        of ``doc_max_length`` tokens, every window encoded as a document of its own and the windows'
+        vectors pooled as tokens are (max, or sum); and how many texts were longer than all the
+        windows. A window's vector is that of the same tokens given as a whole document, so a text
+        within one window gets the vector it gets without windows, and frozen documents' vectors
+        are kept per window (:class:`csplade.model.frozen_docs.DocVectors` keys them by token ids)."""
+        limit, most = self.config.doc_max_length, self.config.doc_windows
+        lengths = [len(ids) for ids in inputs.content_ids(self.tokenizer, texts)]
+        spans = [
+            (i, w) for i, n in enumerate(lengths) for w in range(min(most, max(1, -(-n // limit))))
+        ]  # (text, window), every text at least one window
+        pooled = torch.zeros((len(texts), self.vocab_size), dtype=torch.float32)
+        for start in range(0, len(spans), batch_size):
+            part = spans[start : start + batch_size]
+            batch = self.tokenize(
+                [texts[i] for i, _ in part], kind="doc", windows=[w for _, w in part]
+            )
+            batch.pop("n_truncated")
+            _, reps = self(doc={k: v.to(self.device) for k, v in batch.items()})  # (s, V)
+            pool = torch.add if self.config.pooling == "sum" else torch.maximum
+            for row, (i, _) in enumerate(part):  # weights are >= 0: a max from zeros is the max
+                pooled[i] = pool(pooled[i], reps[row].float().cpu())
+        return pooled.to(self.device), sum(n > most * limit for n in lengths)
 
     def encode_queries(self, texts: Sequence[str], **kwargs: Any) -> sp.csr_matrix:
         return self.encode(texts, kind="query", **kwargs)

@@ -126,22 +126,28 @@ def tokenize(
     texts: Sequence[str],
     kind: str = "doc",
     with_text_mask: bool = False,
+    windows: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Token ids, attention mask and pooling mask (all (B, L)) for `texts` as queries or docs.
 
     Also returns ``n_truncated`` (an int tensor): how many texts were cut at the max length; with
     `with_text_mask`, ``text_mask`` (B, L): the text's own tokens (one copy, no prefix or specials).
+    `windows` (one per text, default all 0): row i holds text i's tokens from ``windows[i] * max
+    length`` on, up to the max length, with the prefix and special tokens a whole text gets (a long
+    document read in windows: :meth:`csplade.model.encoder.SparseEncoder.encode`).
     """
     check_kind(kind)
     texts = check_texts(texts)
     limit = max_length(settings, kind)
     prefix_text = settings.query_prefix if kind == "query" else settings.doc_prefix
     prefix = plain_ids(tokenizer, prefix_text) if prefix_text else []
-    content = (
-        tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-    )
-    n_truncated = sum(len(ids) > limit for ids in content)
-    rows = [_row(list(ids[:limit]), prefix, template, settings, kind) for ids in content]
+    content = content_ids(tokenizer, texts)
+    starts = [0] * len(content) if windows is None else [w * limit for w in windows]
+    if len(starts) != len(content):
+        raise ValueError(f"{len(starts)} windows for {len(content)} texts")
+    n_truncated = sum(len(ids) > start + limit for ids, start in zip(content, starts, strict=True))
+    content = [list(ids[start : start + limit]) for ids, start in zip(content, starts, strict=True)]
+    rows = [_row(ids, prefix, template, settings, kind) for ids in content]
     width = max([len(s) for s, _, _ in rows] + [1])
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, L)
     attention = torch.zeros((len(rows), width), dtype=torch.long)  # (B, L)
@@ -154,7 +160,7 @@ def tokenize(
         input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention[i, : len(seq)] = 1
         pool_mask[i, : len(seq)] = torch.tensor(pool, dtype=torch.bool)
-        text_mask[i, text_start : text_start + min(len(content[i]), limit)] = True
+        text_mask[i, text_start : text_start + len(content[i])] = True
     out = {
         "input_ids": input_ids,
         "attention_mask": attention,
@@ -164,6 +170,15 @@ def tokenize(
     if with_text_mask:
         out["text_mask"] = text_mask
     return out
+
+
+def content_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's own token ids, whole (no prefix, no special tokens)."""
+    return (
+        tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        if texts
+        else []
+    )
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
