@@ -162,6 +162,38 @@ def test_eval_script_ranks_both_models_over_one_index_as_csplade_eval_does(train
     assert alone["start (adapter off)"][name] == pytest.approx(got["start (adapter off)"][name])
 
 
+def test_documents_in_windows_rank_alike_in_the_script_and_csplade_eval(trained, adi, tmp_path):
+    """--doc-windows reaches the documents in eval/frozen_docs.py and in `csplade eval`: both rank
+    the trained model's queries over the same windowed documents; without windows they differ."""
+    from csplade.cli import main
+
+    script = _script()
+    argv = ["--model", str(trained["out"]), "--datasets", str(adi), "--doc-max-length", "8"]
+    assert script.main([*argv, "--doc-windows", "4", "--out", str(tmp_path / "script")]) == 0
+    assert script.main([*argv, "--out", str(tmp_path / "cut")]) == 0
+    assert main(["eval", "--model", str(trained["out"]), "--datasets", str(adi),
+                 "--latency-queries", "0", "--dtype", "float32", "--doc-max-length", "8",
+                 "--doc-windows", "4", "--out", str(tmp_path / "eval")]) == 0  # fmt: skip
+    got = json.loads((tmp_path / "script" / "metrics.json").read_text())["trained"][adi.name]
+    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())["trained"][adi.name]
+    name = trained["out"].name
+    want = json.loads((tmp_path / "eval" / "metrics.json").read_text())[name][adi.name]
+    for metric in ("ndcg_cut_10", "recall_100"):
+        assert got[metric] == pytest.approx(want[metric], abs=1e-9)
+    assert got["doc_nnz"] > cut["doc_nnz"]  # ADI's documents run past 8 tokens: more is read
+
+
+def _script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "frozen_docs.py"
+    spec = importlib.util.spec_from_file_location("frozen_docs_eval", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_doc_vectors_file_reads_back_what_was_saved_and_refuses_other_models(tmp_path):
     from csplade.model.frozen_docs import fingerprint
 
