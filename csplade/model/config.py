@@ -31,6 +31,7 @@ ADDED_SETTINGS = {
     "learned_top_k": None,
     "lexical_analyzer": "tokens",
     "frozen_docs": False,
+    "doc_windows": 1,
 }
 
 CONFIG_NAME = "csplade_config.json"

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from csplade._progress import progress
-from csplade.model import frozen_docs, inference_free, inputs
+from csplade.model import frozen_docs, inference_free, inputs, windows
 from csplade.model import io as model_io
 from csplade.model import lexical as lexical_mod
 from csplade.model.backbones import detect_kind
@@ -485,7 +485,7 @@ class SparseEncoder(nn.Module):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             if kind == "doc" and self.config.doc_windows > 1:
-                reps, cut = self._encode_windows([texts[i] for i in idx], batch_size)
+                reps, cut = windows.encode([texts[i] for i in idx], self, batch_size)
                 n_truncated += cut
             else:
                 batch = self.tokenize([texts[i] for i in idx], kind=kind)
@@ -496,31 +496,6 @@ class SparseEncoder(nn.Module):
             blocks.append(to_csr(prune(reps, top_k, threshold)))
             bar.update(len(idx))
         return blocks, n_truncated
-
-    def _encode_windows(self, texts: list[str], batch_size: int) -> tuple[torch.Tensor, int]:
-        """(b, V) document vectors of `texts`, each read in up to ``doc_windows`` consecutive windows
-        of ``doc_max_length`` tokens, every window encoded as a document of its own and the windows'
-        vectors pooled as tokens are (max, or sum); and how many texts were longer than all the
-        windows. A window's vector is that of the same tokens given as a whole document, so a text
-        within one window gets the vector it gets without windows, and frozen documents' vectors
-        are kept per window (:class:`csplade.model.frozen_docs.DocVectors` keys them by token ids)."""
-        limit, most = self.config.doc_max_length, self.config.doc_windows
-        lengths = [len(ids) for ids in inputs.content_ids(self.tokenizer, texts)]
-        spans = [
-            (i, w) for i, n in enumerate(lengths) for w in range(min(most, max(1, -(-n // limit))))
-        ]  # (text, window), every text at least one window
-        pooled = torch.zeros((len(texts), self.vocab_size), dtype=torch.float32)
-        for start in range(0, len(spans), batch_size):
-            part = spans[start : start + batch_size]
-            batch = self.tokenize(
-                [texts[i] for i, _ in part], kind="doc", windows=[w for _, w in part]
-            )
-            batch.pop("n_truncated")
-            _, reps = self(doc={k: v.to(self.device) for k, v in batch.items()})  # (s, V)
-            pool = torch.add if self.config.pooling == "sum" else torch.maximum
-            for row, (i, _) in enumerate(part):  # weights are >= 0: a max from zeros is the max
-                pooled[i] = pool(pooled[i], reps[row].float().cpu())
-        return pooled.to(self.device), sum(n > most * limit for n in lengths)
 
     def encode_queries(self, texts: Sequence[str], **kwargs: Any) -> sp.csr_matrix:
         return self.encode(texts, kind="query", **kwargs)
