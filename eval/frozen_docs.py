@@ -32,14 +32,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rows(encoder, data, k: int, batch_size: int) -> dict[str, dict[str, float]]:
+def _rows(
+    encoder, data, k: int, batch_size: int, doc_threshold: float | None = None
+) -> dict[str, dict[str, float]]:
     from csplade.evaluation.beir_eval import baseline_rows, ranking_metrics
     from csplade.evaluation.metrics import sparsity_stats
     from csplade.index import InvertedIndex
     from csplade.model.frozen_docs import adapter_off
 
     out = baseline_rows(data, k)
-    docs = encoder.encode_docs(data.doc_texts, batch_size=batch_size)  # adapter off: frozen_docs
+    # adapter off: frozen_docs; the threshold prunes each vector as `csplade index` would
+    docs = encoder.encode_docs(data.doc_texts, batch_size=batch_size, threshold=doc_threshold)
     index = InvertedIndex.build(docs, data.doc_ids)
     texts = [data.queries[q] for q in data.queries]
     with adapter_off(encoder.backbone):
@@ -87,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         help="read a longer document in up to this many windows of --doc-max-length tokens, "
         "max-pooled (doc_windows); 1: cut it",
     )
+    parser.add_argument(
+        "--doc-threshold",
+        type=float,
+        default=None,
+        help="drop document weights below this (pruning; the file keeps them unpruned)",
+    )
+    parser.add_argument("--split", default="test", help="the split whose queries are ranked")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--k", type=int, default=1000)
@@ -121,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, dict] = {}
     for name in args.datasets:
         started = time.time()
-        data = load_beir(find_dataset(name), split="test")
-        for system, row in _rows(encoder, data, args.k, args.batch_size).items():
+        data = load_beir(find_dataset(name), split=args.split)
+        rows = _rows(encoder, data, args.k, args.batch_size, args.doc_threshold)
+        for system, row in rows.items():
             metrics.setdefault(system, {})[data.name] = row
         if args.doc_vectors:
             encoder.doc_vectors.save(args.doc_vectors)

@@ -183,6 +183,32 @@ def test_documents_in_windows_rank_alike_in_the_script_and_csplade_eval(trained,
     assert got["doc_nnz"] > cut["doc_nnz"]  # ADI's documents run past 8 tokens: more is read
 
 
+def test_eval_script_ranks_a_chosen_split_and_prunes_documents_not_the_file(trained, adi, tmp_path):
+    import shutil
+
+    folder = tmp_path / "adi"  # ADI with its test judgments also under a dev split
+    shutil.copytree(adi, folder)
+    shutil.copy(folder / "qrels" / "test.tsv", folder / "qrels" / "dev.tsv")
+    script = _script()
+    argv = ["--model", str(trained["out"]), "--datasets", str(folder), "--doc-max-length", "16"]
+    vectors = str(tmp_path / "docs.safetensors")
+    runs = {
+        "test": [],
+        "dev": ["--split", "dev"],
+        "pruned": ["--doc-threshold", "0.5", "--doc-vectors", vectors],
+    }
+    got = {}
+    for name, extra in runs.items():
+        assert script.main([*argv, *extra, "--out", str(tmp_path / name)]) == 0
+        got[name] = json.loads((tmp_path / name / "metrics.json").read_text())["trained"]["adi"]
+    assert got["dev"] == got["test"]
+    assert got["pruned"]["doc_nnz"] < got["test"]["doc_nnz"]
+    encoder = SparseEncoder.from_pretrained(trained["out"], doc_max_length=16)
+    kept = DocVectors.for_encoder(encoder, vectors)  # the file holds the vectors unpruned
+    values = torch.cat([v for _, v in kept._vectors.values()])
+    assert len(kept) > 0 and (values < 0.5).any()
+
+
 def _script():
     import importlib.util
     from pathlib import Path
