@@ -462,13 +462,13 @@ class SparseEncoder(nn.Module):
             bar.close()
             self.train(was_training)
         if n_truncated:
-            windows = self.config.doc_windows if kind == "doc" else 1
+            read = self.config.doc_windows if kind == "doc" else 1  # windows read per text
             logger.info(
                 "%d of %d %s were longer than %d tokens and truncated",
                 n_truncated,
                 len(texts),
                 _PLURAL[kind],
-                inputs.max_length(self.config, kind) * windows,
+                inputs.max_length(self.config, kind) * read,
             )
         stacked = sp.vstack(blocks, format="csr")
         inverse = np.empty(len(order), dtype=np.int64)
